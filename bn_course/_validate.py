@@ -1,0 +1,46 @@
+"""Input checks shared by the NumPy and PyTorch implementations.
+
+Every public function of the course validates its input here, so that a
+learner's mistake (wrong rank, wrong channel count, integer data, ...) ends in
+one clear sentence that names the problem instead of a deep traceback or,
+worse, a silently wrong answer.
+"""
+
+import math
+
+
+def check_rank(shape, where="input"):
+    """Batch norm needs (N, C) or (N, C, *spatial): at least two axes."""
+    if len(shape) < 2:
+        raise ValueError(
+            f"{where}: batch norm expects an input of shape (N, C) or (N, C, *spatial) "
+            f"with at least 2 dimensions, got shape {tuple(shape)} ({len(shape)}D). "
+            "For a single feature vector, add a batch axis: x[None, :]."
+        )
+
+
+def values_per_channel(shape):
+    """How many numbers each channel's statistics are computed from: N * prod(spatial)."""
+    return int(shape[0]) * int(math.prod(int(s) for s in shape[2:]))
+
+
+def check_enough_values(shape, where="input"):
+    """Training-mode statistics need at least two values per channel."""
+    m = values_per_channel(shape)
+    if m <= 1:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel when training, got input of "
+            f"shape {tuple(shape)} ({m} value per channel). The variance of a single value "
+            "is 0, so x_hat would be 0 for every input. Use a batch of 2 or more, or "
+            "evaluation mode (running statistics)."
+        )
+
+
+def check_channels(shape, num_features, name, where="input"):
+    """A per-channel parameter or buffer must have one entry per channel, shape (C,)."""
+    C = int(shape[1])
+    if tuple(num_features) != (C,):
+        raise ValueError(
+            f"{where}: {name} must have shape ({C},), one value per channel of an input "
+            f"with C={C} channels (axis 1 of shape {tuple(shape)}), got shape {tuple(num_features)}."
+        )
