@@ -130,33 +130,58 @@ def batchnorm_backward(dout, cache):
 
     dx = gamma / sqrt(var + eps) * (dout - mean(dout) - x_hat * mean(dout * x_hat))
 
-    with the means taken per channel. Returns dx (shape of x), dgamma, dbeta (C,).
+    with the means taken per channel. dout: shape of x.
+    Returns dx (shape of x), dgamma, dbeta (C,).
+
+    Batch norm is memory-bound: the time goes into passes over the big arrays, not
+    into arithmetic. So dx is built in one array, updated in place, instead of
+    allocating a temporary array for every term.
     """
     dout = _check_dout(dout, cache)
     axes = cache["axes"]
     x_hat = cache["x_hat"]
+    ndim = dout.ndim
     m = dout.size // x_hat.shape[1]
 
     dbeta = dout.sum(axis=axes)
     dgamma = (dout * x_hat).sum(axis=axes)
-    scale = cache["gamma"] * cache["inv_std"]
-    ndim = dout.ndim
-    dx = scale * (dout - per_channel(dbeta / m, ndim) - x_hat * per_channel(dgamma / m, ndim))
+    dx = x_hat * per_channel(-dgamma / m, ndim)   # - x_hat * mean(dout * x_hat)
+    dx += dout                                    # + dout
+    dx -= per_channel(dbeta / m, ndim)            # - mean(dout)
+    dx *= cache["gamma"] * cache["inv_std"]       # * gamma / sqrt(var + eps)
     return dx, dgamma, dbeta
+
+
+def check_momentum(momentum):
+    """PyTorch's momentum is the weight of the new batch: a number between 0 and 1."""
+    is_number = isinstance(momentum, (int, float, np.floating, np.integer))
+    if isinstance(momentum, bool) or not is_number or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"momentum must be a number between 0 and 1 (the weight of the new batch, "
+            f"PyTorch's convention), got {momentum!r}."
+        )
 
 
 def update_running_stats(running_mean, running_var, x, momentum=0.1):
     """PyTorch's exponential moving average of the batch statistics.
 
     new = (1 - momentum) * old + momentum * batch, with the *unbiased* batch
-    variance (divided by m - 1). Keras writes the same rule with its
-    ``momentum=0.99`` meaning ``1 - 0.1``. Returns the new (running_mean, running_var).
+    variance (divided by m - 1). ``momentum`` is the weight of the new batch.
+    Keras writes the same rule the other way round, ``new = k * old + (1 - k) * batch``
+    with its ``momentum=k`` the weight of the old value: Keras' default 0.99 is
+    PyTorch's ``momentum=0.01``, and PyTorch's default 0.1 is Keras' 0.9.
+
+    running_mean, running_var: (C,); x: (N, C, *spatial).
+    Returns the new (running_mean, running_var), in x's dtype.
     """
     x = _as_float_array(x, "x")
     check_rank(x.shape, "x")
     check_channels(x.shape, np.shape(running_mean), "running_mean", "x")
     check_channels(x.shape, np.shape(running_var), "running_var", "x")
     check_enough_values(x.shape, "x")
+    check_momentum(momentum)
+    running_mean = np.asarray(running_mean, dtype=x.dtype)
+    running_var = np.asarray(running_var, dtype=x.dtype)
     mu, var = batch_mean_var(x)
     m = x.size // x.shape[1]
     var_unbiased = var * m / (m - 1)
@@ -176,6 +201,158 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):
     gamma, beta = _check_params(x, gamma, beta)
     check_channels(x.shape, np.shape(running_mean), "running_mean", "x")
     check_channels(x.shape, np.shape(running_var), "running_var", "x")
-    a = gamma / np.sqrt(np.asarray(running_var, dtype=x.dtype) + eps)
+    running_var = np.asarray(running_var, dtype=x.dtype)
+    if np.any(running_var < 0):
+        raise ValueError(
+            f"running_var must be non-negative (it is a variance), got {running_var}. "
+            "Was it computed as E[x^2] - E[x]^2 in low precision?"
+        )
+    a = gamma / np.sqrt(running_var + eps)
     b = beta - a * np.asarray(running_mean, dtype=x.dtype)
     return per_channel(a, x.ndim) * x + per_channel(b, x.ndim)
+
+
+# ---------------------------------------------------------------------------------------
+# Checking and measuring (notebook 03): gradient check, variance algorithms, timing
+# ---------------------------------------------------------------------------------------
+
+def numerical_gradient(f, a, h=1e-5):
+    """Central finite differences of a scalar function ``f()`` with respect to array ``a``.
+
+    ``a`` is nudged in place, one entry at a time, and restored:
+    grad[i] = (f(a + h e_i) - f(a - h e_i)) / (2 h). Use float64. Returns the shape of a.
+    """
+    grad = np.zeros_like(a)
+    flat, flat_grad = a.reshape(-1), grad.reshape(-1)   # views: writing them writes a, grad
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        f_plus = f()
+        flat[i] = old - h
+        f_minus = f()
+        flat[i] = old
+        flat_grad[i] = (f_plus - f_minus) / (2 * h)
+    return grad
+
+
+def relative_error(a, b):
+    """|a - b| / (|a| + |b|) with Euclidean norms: 0 when equal, about 1 when unrelated."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = np.linalg.norm(a) + np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / scale) if scale > 0 else 0.0
+
+
+def gradient_check(shape=(4, 3, 2, 2), seed=0, eps=1e-5, h=1e-5, dtype=np.float64):
+    """Compare both backward passes with finite differences.
+
+    The scalar checked is L = sum(out * dout) for a fixed random dout, whose gradient with
+    respect to out is dout. Meant for float64; in float32 the nudge h is lost in rounding.
+    Returns {"compact": {"dx": err, "dgamma": err, "dbeta": err}, "staged": {...}} with
+    relative errors.
+    """
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = rng.normal(1.0, 2.0, size=shape).astype(dtype)
+    gamma = rng.normal(1.0, 0.5, size=C).astype(dtype)
+    beta = rng.normal(0.0, 0.5, size=C).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    h = dtype(h)
+
+    def loss():
+        return float(np.sum(batchnorm_forward(x, gamma, beta, eps)[0] * dout))
+
+    numeric = {"dx": numerical_gradient(loss, x, h), "dgamma": numerical_gradient(loss, gamma, h),
+               "dbeta": numerical_gradient(loss, beta, h)}
+    _, cache = batchnorm_forward(x, gamma, beta, eps)
+    errors = {}
+    for name, backward in (("compact", batchnorm_backward), ("staged", batchnorm_backward_staged)):
+        grads = dict(zip(("dx", "dgamma", "dbeta"), backward(dout, cache)))
+        errors[name] = {k: relative_error(grads[k], numeric[k]) for k in numeric}
+    return errors
+
+
+def _values_by_channel(x):
+    """(N, C, *spatial) -> (m, C): each column holds one channel's m values."""
+    return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+
+
+def variance_one_pass(x):
+    """The textbook shortcut var = E[x^2] - E[x]^2, per channel: (N, C, *spatial) -> (C,).
+
+    Numerically unstable: when the mean is large compared with the spread, the two terms
+    are huge and nearly equal, and their difference loses most of its digits.
+    """
+    axes = reduce_axes(x)
+    return (x ** 2).mean(axis=axes) - x.mean(axis=axes) ** 2
+
+
+def variance_welford(x):
+    """Welford's streaming algorithm, one value per channel at a time: (N, C, *spatial) -> (C,).
+
+    Keeps a running mean and M2 (the sum of squared deviations); stable, and needs a single
+    pass over data that arrives piece by piece. Returns the biased variance M2 / m.
+    """
+    values = _values_by_channel(x)
+    mean = np.zeros(values.shape[1], dtype=x.dtype)
+    M2 = np.zeros(values.shape[1], dtype=x.dtype)
+    for k, row in enumerate(values, start=1):
+        delta = row - mean
+        mean += delta / k
+        M2 += delta * (row - mean)
+    return M2 / values.shape[0]
+
+
+def variance_errors(offset, shape=(2048, 4), seed=0, dtype=np.float32):
+    """Relative error of three variance algorithms on ``offset + N(0, 1)`` data in ``dtype``.
+
+    The truth is the two-pass variance of the very same (rounded) data computed in float64;
+    the error is the worst channel's |estimate - truth| / truth (1 means 100% off).
+    Returns {"one-pass": err, "two-pass": err, "Welford": err}.
+    """
+    rng = np.random.default_rng(seed)
+    x = (offset + rng.standard_normal(shape)).astype(dtype)
+    truth = batch_mean_var(x.astype(np.float64))[1]
+    estimates = {"one-pass": variance_one_pass(x), "two-pass": batch_mean_var(x)[1],
+                 "Welford": variance_welford(x)}
+    return {name: float(np.max(np.abs(v.astype(np.float64) - truth) / truth))
+            for name, v in estimates.items()}
+
+
+def time_backward(shape=(64, 64, 32, 32), repeats=7, seed=0, dtype=np.float32):
+    """Median wall time in seconds of the staged and the compact backward pass.
+
+    The two are timed alternately, so a burst of load elsewhere slows both alike.
+    Returns {"staged": seconds, "compact": seconds}.
+    """
+    import time
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    dout = rng.standard_normal(shape).astype(dtype)
+    C = shape[1]
+    _, cache = batchnorm_forward(x, np.ones(C, dtype), np.zeros(C, dtype))
+    times = {"staged": [], "compact": []}
+    backward = {"staged": batchnorm_backward_staged, "compact": batchnorm_backward}
+    for _ in range(repeats):
+        for name in times:
+            start = time.perf_counter()
+            backward[name](dout, cache)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def track_running_mean(momentum, steps=50, batch_shape=(32, 4), true_mean=3.0, seed=0):
+    """Feed ``steps`` batches drawn from N(true_mean, 1) to the running-statistics update.
+
+    Starts from PyTorch's initial buffers (mean 0, variance 1) and returns the running mean
+    after each step, shape (steps, C): how fast it forgets its start shows the momentum's lag.
+    """
+    rng = np.random.default_rng(seed)
+    C = batch_shape[1]
+    running_mean, running_var = np.zeros(C), np.ones(C)
+    history = []
+    for _ in range(steps):
+        x = rng.normal(true_mean, 1.0, size=batch_shape)
+        running_mean, running_var = update_running_stats(running_mean, running_var, x, momentum)
+        history.append(running_mean)
+    return np.array(history)

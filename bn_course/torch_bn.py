@@ -3,12 +3,19 @@
 ``BatchNorm`` is a drop-in replacement for ``torch.nn.BatchNorm1d/2d/3d`` for any
 input rank >= 2: same outputs, gradients, running buffers, evaluation
 behaviour and ``state_dict`` keys, so state dicts load both ways.
+
+Shapes: ``x`` is ``(N, C)`` or ``(N, C, *spatial)``; statistics are per channel, over
+every dim except 1; ``m = N * prod(spatial)`` values per channel.
 """
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from bn_course._validate import check_channels, check_enough_values, check_rank
+
+# Input dtypes that PyTorch normalizes with float32 parameters and statistics (mixed precision).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def reduce_dims(x):
@@ -33,12 +40,23 @@ def check_input(x, where="input"):
     check_rank(tuple(x.shape), where)
 
 
+def check_params(x, gamma, beta, where="x"):
+    """gamma and beta (each may be None) must be tensors of shape (C,)."""
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (C,) or None, got {type(p).__name__}.")
+        check_channels(tuple(x.shape), tuple(p.shape), name, where)
+
+
 def batchnorm_autograd(x, gamma, beta, eps=1e-5):
     """The four training-mode steps written with torch ops; autograd derives the backward.
 
     x: (N, C, *spatial); gamma, beta: (C,) -> out: shape of x.
     """
     check_input(x, "x")
+    check_params(x, gamma, beta)
     check_enough_values(tuple(x.shape), "x")
     dims = reduce_dims(x)
     mu = x.mean(dim=dims, keepdim=True)                            # step 1
@@ -56,37 +74,56 @@ class BatchNormFunction(torch.autograd.Function):
         dgamma = sum(dout * x_hat)
         dx     = gamma * inv_std * (dout - dbeta / m - x_hat * dgamma / m)
 
-    ``gamma`` and ``beta`` may be ``None`` (no affine parameters).
+    ``gamma`` and ``beta`` may be ``None`` (no scale, no shift). Written for speed
+    as well as clarity: every statistic is one pass over x (``torch.var_mean`` over
+    several dims is ~10x slower on CPU), and temporaries that nothing else holds are
+    reused in place rather than allocated again.
     """
 
     @staticmethod
-    def forward(ctx, x, gamma, beta, eps):
-        dims = reduce_dims(x)
-        var, mu = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+    def forward(ctx, x, gamma, beta, eps, stats=None):
+        check_input(x, "x")
+        check_params(x, gamma, beta)
+        check_enough_values(tuple(x.shape), "x")
+        dims, ndim = reduce_dims(x), x.dim()
+        mu = x.mean(dim=dims, keepdim=True)                        # step 1
+        x_mu = x - mu
+        out = torch.square(x_mu)                                   # (out's memory as scratch)
+        var = out.mean(dim=dims, keepdim=True)                     # step 2 (two-pass: stable)
         inv_std = torch.rsqrt(var + eps)
-        x_hat = (x - mu) * inv_std
-        out = x_hat
-        if gamma is not None:
-            out = torch.addcmul(per_channel(beta, x.dim()), x_hat, per_channel(gamma, x.dim()))
+        x_hat = x_mu.mul_(inv_std)                                 # step 3, in x_mu's memory
+        if gamma is None:                                          # step 4, into out's memory
+            out.copy_(x_hat)
+        else:
+            out = torch.mul(x_hat, per_channel(gamma, ndim), out=out)
+        if beta is not None:
+            out.add_(per_channel(beta, ndim))
         ctx.save_for_backward(x_hat, inv_std, gamma)
+        ctx.has_beta = beta is not None
+        if stats is not None:  # hand the batch statistics to the caller (the module's running averages)
+            stats.update(mu=mu.reshape(-1), var=var.reshape(-1), m=x.numel() // x.shape[1])
         return out
 
     @staticmethod
+    @once_differentiable  # the backward below is not itself differentiable: say so, don't be wrong
     def backward(ctx, dout):
         x_hat, inv_std, gamma = ctx.saved_tensors
-        dims = reduce_dims(dout)
+        dims, ndim = reduce_dims(dout), dout.dim()
         m = dout.numel() // dout.shape[1]
         dbeta = dout.sum(dim=dims)
-        dgamma = (dout * x_hat).sum(dim=dims)
+        dout_x_hat = dout * x_hat
+        dgamma = dout_x_hat.sum(dim=dims)
         dx = None
         if ctx.needs_input_grad[0]:
-            scale = inv_std if gamma is None else per_channel(gamma, dout.dim()) * inv_std
-            # dout - dbeta/m - x_hat * dgamma/m, as one fused multiply-add per element
-            centered = dout - per_channel(dbeta / m, dout.dim())
-            dx = torch.addcmul(centered, x_hat, per_channel(dgamma / m, dout.dim()), value=-1) * scale
-        if gamma is None:
-            return dx, None, None, None
-        return dx, dgamma, dbeta, None
+            scale = inv_std if gamma is None else per_channel(gamma, ndim) * inv_std
+            # dx = scale * (dout - dbeta/m - x_hat * dgamma/m), written into dout_x_hat's memory
+            dx = torch.addcmul(per_channel(-dbeta / m, ndim), x_hat, per_channel(-dgamma / m, ndim),
+                               out=dout_x_hat)
+            dx.add_(dout).mul_(scale)
+        return (dx,
+                None if gamma is None else dgamma,
+                dbeta if ctx.has_beta else None,
+                None, None)
 
 
 class BatchNorm(nn.Module):
@@ -98,13 +135,18 @@ class BatchNorm(nn.Module):
       ``running_mean`` and ``running_var`` (the unbiased variance) with
       ``new = (1 - momentum) * old + momentum * batch``; ``momentum=None`` uses the
       cumulative average ``1 / num_batches_tracked`` instead;
-    - evaluation mode normalizes with the running statistics (when tracked);
-    - ``affine=False`` has no ``weight``/``bias``; ``track_running_stats=False`` keeps
-      no buffers and always uses batch statistics.
+    - evaluation mode normalizes with the running statistics (when tracked), which
+      works for any batch size, even one sample;
+    - ``affine=False`` has no ``weight``/``bias`` (``bias=False``: a weight only);
+      ``track_running_stats=False`` keeps no buffers and always uses batch statistics;
+    - float16/bfloat16 input with float32 parameters is computed in float32 and returned
+      in the input's dtype; any other dtype mismatch is an error, as in PyTorch.
     """
 
+    _version = 2  # nn.BatchNorm's state_dict version (it has num_batches_tracked)
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
+                 track_running_stats=True, device=None, dtype=None, *, bias=True):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -114,7 +156,10 @@ class BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -137,19 +182,34 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def _param_dtype(self):
+        """The dtype of the weight or the running statistics (None when it has neither)."""
+        for t in (self.weight, self.running_mean):
+            if t is not None:
+                return t.dtype
+        return None
 
     def _check(self, x):
-        check_input(x, f"{type(self).__name__} input")
+        name = f"{type(self).__name__}({self.num_features})"
+        check_input(x, f"{name} input")
         if x.shape[1] != self.num_features:
             raise ValueError(
-                f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} "
-                f"channels (axis 1 of shape {tuple(x.shape)}); the channel count must equal "
-                f"num_features={self.num_features}."
+                f"{name} got an input with {x.shape[1]} channels (axis 1 of shape "
+                f"{tuple(x.shape)}); the channel count must equal num_features={self.num_features}."
+            )
+        p = self._param_dtype()
+        if p is not None and x.dtype != p and not (x.dtype in LOW_PRECISION and p == torch.float32):
+            raise TypeError(
+                f"{name} input has dtype {x.dtype} but the layer's parameters and buffers are "
+                f"{p}; convert one to match, e.g. x.to({p}) or layer.to({x.dtype})."
             )
 
     def _momentum_factor(self):
@@ -159,25 +219,145 @@ class BatchNorm(nn.Module):
 
     @torch.no_grad()
     def _update_running_stats(self, x):
+        """Update the running averages from the batch x: its mean and unbiased variance."""
         dims = reduce_dims(x)
-        var, mu = torch.var_mean(x.detach(), dim=dims, correction=1)  # unbiased, as PyTorch
+        m = x.numel() // x.shape[1]
+        mu = x.mean(dim=dims)
+        var = (x - per_channel(mu, x.dim())).square_().sum(dim=dims) / (m - 1)
+        self._update_running_averages(mu, var)
+
+    @torch.no_grad()
+    def _update_running_averages(self, mu, var_unbiased):
+        """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked)."""
         self.num_batches_tracked.add_(1)
         f = self._momentum_factor()
         self.running_mean.mul_(1 - f).add_(mu.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1 - f).add_(var.to(self.running_var.dtype), alpha=f)
+        self.running_var.mul_(1 - f).add_(var_unbiased.to(self.running_var.dtype), alpha=f)
+
+    def _eval_forward(self, x):
+        """out = a * x + b per channel, a = gamma / sqrt(running_var + eps), b = beta - a * running_mean."""
+        a = torch.rsqrt(self.running_var + self.eps)
+        b = -self.running_mean * a
+        if self.weight is not None:
+            a = a * self.weight
+            b = b * self.weight
+        if self.bias is not None:
+            b = b + self.bias
+        return torch.addcmul(per_channel(b, x.dim()), x, per_channel(a, x.dim()))
 
     def forward(self, x):
         self._check(x)
-        use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats:
-            a = torch.rsqrt(self.running_var + self.eps)
-            b = -self.running_mean * a
-            if self.affine:
-                a = a * self.weight
-                b = b * self.weight + self.bias
-            return x * per_channel(a.to(x.dtype), x.dim()) + per_channel(b.to(x.dtype), x.dim())
+        in_dtype = x.dtype
+        p = self._param_dtype()
+        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32
+            x = x.to(p)
+        if self.training or not self.track_running_stats:
+            check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
+            stats = {}
+            out = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
+            if self.training and self.track_running_stats:
+                # the running variance is the unbiased estimate: var * m / (m - 1)
+                self._update_running_averages(stats["mu"], stats["var"] * stats["m"] / (stats["m"] - 1))
+        else:
+            out = self._eval_forward(x)
+        return out.to(in_dtype)
 
-        check_enough_values(tuple(x.shape), f"{type(self).__name__} input")
-        if self.training and self.track_running_stats:
-            self._update_running_stats(x)
-        return BatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+
+# ---------------------------------------------------------------------------------------
+# Experiments of notebook 04: the classic bugs, each shown by what goes wrong.
+# The notebook writes each buggy variant in the open and passes it in; the tests pass
+# their own copies, with other seeds, so the notebook's claims hold for every seed.
+# ---------------------------------------------------------------------------------------
+
+def make_batches(steps, batch_size, C, mean=0.0, var=1.0, seed=0, device=None, dtype=torch.float64):
+    """``steps`` batches of shape (batch_size, C), every value drawn from N(mean, var).
+
+    Returns a tensor of shape (steps, batch_size, C).
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch_size, C, generator=g, dtype=dtype) * var ** 0.5 + mean
+    return x.to(device)
+
+
+def track_running_stats(update, batches, momentum=0.1):
+    """Feed ``batches`` (steps, N, C) to ``update`` and record the running statistics.
+
+    update(running_mean, running_var, x, momentum) -> (running_mean, running_var), all (C,)
+    except x (N, C). Starts from PyTorch's initial values, mean 0 and variance 1.
+    Returns two (steps, C) tensors: running_mean and running_var after each step.
+    """
+    C = batches.shape[2]
+    running_mean = torch.zeros(C, dtype=batches.dtype, device=batches.device)
+    running_var = torch.ones(C, dtype=batches.dtype, device=batches.device)
+    means, variances = [], []
+    for x in batches:
+        running_mean, running_var = update(running_mean, running_var, x, momentum)
+        means.append(running_mean.clone())
+        variances.append(running_var.clone())
+    return torch.stack(means), torch.stack(variances)
+
+
+def eval_std_during_training(bn, batches, x_eval):
+    """Train ``bn`` on each batch in turn; after each step (and before the first) measure
+    the standard deviation of its evaluation-mode output on ``x_eval``.
+
+    bn: a batch norm module for (N, C) input; batches: (steps, N, C); x_eval: (M, C).
+    Returns a list of steps + 1 floats. The module is left in training mode.
+    """
+    stds = []
+    for x in list(batches) + [None]:
+        bn.eval()
+        with torch.no_grad():
+            stds.append(float(bn(x_eval).std()))
+        if x is None:
+            break
+        bn.train()
+        with torch.no_grad():
+            bn(x)
+    bn.train()
+    return stds
+
+
+def shift_experiment(normalize, steps=50, lr=0.5, N=32, C=4, seed=0, device=None):
+    """Learn a per-channel shift ``b`` in ``out = normalize(x + b)`` by gradient descent.
+
+    The loss is the mean squared error to a fixed target whose channels do not have mean 0,
+    so it pulls on the mean of ``out``, which batch norm pins at 0. A correct
+    ``normalize`` (gradient through mu and var) gives b exactly zero gradient;
+    one that treats mu and var as constants keeps pushing b while the loss stands still.
+
+    normalize(z) -> out, z and out of shape (N, C).
+    Returns (b_norm, loss): two lists of steps + 1 floats, |b| and the loss at each step.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g, dtype=torch.float64).to(device)
+    target = (torch.randn(N, C, generator=g, dtype=torch.float64) + 1.0).to(device)
+    b = torch.zeros(C, dtype=torch.float64, device=device, requires_grad=True)
+    b_norm, losses = [], []
+    for i in range(steps + 1):
+        loss = ((normalize(x + b) - target) ** 2).mean()
+        b_norm.append(float(b.detach().norm()))
+        losses.append(float(loss.detach()))
+        if i == steps:
+            break
+        (grad_b,) = torch.autograd.grad(loss, b)
+        with torch.no_grad():
+            b -= lr * grad_b
+    return b_norm, losses
+
+
+def spatial_pattern_images(N=16, C=3, H=8, W=8, seed=0, device=None):
+    """Images whose channels share a spatial pattern across the batch (a bright left-to-right
+    ramp, different in each channel) plus noise: (N, C, H, W), float64."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(-2, 2, W, dtype=torch.float64).expand(H, W)
+    strength = torch.arange(1, C + 1, dtype=torch.float64).reshape(C, 1, 1)
+    x = strength * ramp + torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    return x.to(device)
+
+
+def pattern_left_after(normalize, x):
+    """How much of the batch's common spatial pattern survives ``normalize``: per channel, the
+    standard deviation over (H, W) of the batch-average image of normalize(x). Returns (C,)."""
+    with torch.no_grad():
+        return normalize(x).mean(dim=0).std(dim=(1, 2))

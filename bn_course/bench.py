@@ -1,0 +1,318 @@
+"""How fast is batch norm, and how close to the memory's limit? ``python -m bn_course.bench``
+
+    python -m bn_course.bench                      # the full table on this machine (a minute or two)
+    python -m bn_course.bench --save results.json  # ... and keep it
+    python -m bn_course.bench --quick              # small sizes, few repeats (seconds)
+
+Every time is the median of ``repeats`` runs after warm-up runs (on a GPU, with the
+device synchronized around each run). On the CPU the default is one thread: the
+numbers are steadier, and with two threads we saw the compiled code's OpenMP
+threads and ATen's compete on a 2-core machine (tens of ms for a tiny tensor). BN is memory-bound, so each result is also
+given as an *effective bandwidth*: the bytes the least possible number of passes
+over memory must move (``PASSES``) divided by the time, and as a fraction of the
+bandwidth of a plain copy of the same tensor (which reads and writes it once).
+
+Implementations: ``numpy`` (bn_course.numpy_bn, CPU only), ``from-scratch``
+(bn_course.torch_bn.BatchNorm), ``native`` (torch.nn.BatchNorm2d), ``compiled``
+(bn_course.fused_bn.FusedBatchNorm, the from-scratch math through torch.compile).
+Also measured: issue 2's speed targets (NumPy staged vs compact backward; the
+from-scratch module vs nn.BatchNorm2d) and the compiled module vs nn.BatchNorm2d.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bn_course import fused_bn, numpy_bn, torch_bn
+
+# Least number of passes over a tensor of x's size (each pass reads or writes it once).
+PASSES = {"forward": 3, "forward+backward": 8}
+IMPLEMENTATIONS = ("numpy", "from-scratch", "native", "compiled")
+LAYOUTS = ("contiguous", "channels_last")
+CPU_SIZES = ((16, 64, 32, 32), (64, 64, 32, 32), (64, 64, 64, 64))
+GPU_SIZES = ((32, 64, 56, 56), (256, 64, 56, 56))
+QUICK_SIZES = ((4, 8, 8, 8),)
+TARGET_SHAPE = (64, 64, 32, 32)  # issue 2's and issue 5's CPU targets are stated at this size
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats=10, warmup=2, device=torch.device("cpu")):
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def tensor_bytes(shape, dtype=torch.float32):
+    """Bytes of one tensor of this shape: one pass over memory."""
+    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+
+
+def bytes_moved(shape, direction, dtype=torch.float32):
+    """Least bytes a training step must move: PASSES[direction] passes of a tensor of x's size."""
+    return PASSES[direction] * tensor_bytes(shape, dtype)
+
+
+def copy_bandwidth(shape, dtype=torch.float32, device=torch.device("cpu"), repeats=10):
+    """Bytes per second of ``y.copy_(x)``: the memory system's practical speed (2 passes)."""
+    x = torch.randn(shape, dtype=dtype, device=device)
+    y = torch.empty_like(x)
+    seconds = median_time(lambda: y.copy_(x), repeats, device=device)
+    return 2 * tensor_bytes(shape, dtype) / seconds, seconds
+
+
+# --- one step of each implementation -----------------------------------------------------------
+
+def _make_module(impl, C, dtype, device):
+    if impl == "from-scratch":
+        return torch_bn.BatchNorm(C, dtype=dtype, device=device)
+    if impl == "native":
+        return torch.nn.BatchNorm2d(C, dtype=dtype, device=device)
+    if impl == "compiled":
+        return fused_bn.FusedBatchNorm(C, compile=True, dtype=dtype, device=device)
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}.")
+
+
+def make_step(impl, shape, direction, layout="contiguous", dtype=torch.float32, device=torch.device("cpu")):
+    """A zero-argument function running one training-mode BN step (``direction``) on fixed data."""
+    if direction not in PASSES:
+        raise ValueError(f"direction must be one of {tuple(PASSES)}, got {direction!r}.")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+    C = shape[1]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    dout = torch.randn(shape, generator=gen, dtype=dtype)
+
+    if impl == "numpy":
+        if device.type != "cpu" or layout != "contiguous":
+            raise ValueError("the numpy implementation runs on the CPU on contiguous arrays only.")
+        x_np, dout_np = x.numpy(), dout.numpy()
+        gamma, beta = np.ones(C, x_np.dtype), np.zeros(C, x_np.dtype)
+        if direction == "forward":
+            return lambda: numpy_bn.batchnorm_forward(x_np, gamma, beta)
+        return lambda: numpy_bn.batchnorm_backward(dout_np, numpy_bn.batchnorm_forward(x_np, gamma, beta)[1])
+
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = x.to(device).contiguous(memory_format=memory_format)
+    dout = dout.to(device).contiguous(memory_format=memory_format)
+    module = _make_module(impl, C, dtype, device)
+    if direction == "forward":
+        def forward():
+            with torch.no_grad():
+                return module(x)
+        return forward
+    x.requires_grad_(True)
+    params = (x, module.weight, module.bias)
+    return lambda: torch.autograd.grad(module(x), params, dout)
+
+
+def time_step(impl, shape, direction, layout="contiguous", repeats=10, dtype=torch.float32,
+              device=torch.device("cpu")):
+    """Median seconds of one step; the first call (which compiles, for ``compiled``) is not counted."""
+    step = make_step(impl, shape, direction, layout, dtype, device)
+    return median_time(step, repeats, warmup=2, device=device)
+
+
+# --- the tables -----------------------------------------------------------------------------------
+
+def bandwidth_table(shapes, impls=IMPLEMENTATIONS, layouts=LAYOUTS, directions=tuple(PASSES),
+                    repeats=10, dtype=torch.float32, device=torch.device("cpu"), progress=None):
+    """Rows of {shape, impl, layout, direction, seconds, GB/s, fraction of copy} for every combination.
+
+    numpy runs only on the CPU and only contiguous. ``progress``: optional callable(str) told each step.
+    """
+    rows = []
+    for shape in shapes:
+        copy_bps, copy_s = copy_bandwidth(shape, dtype, device, repeats)
+        rows.append({"shape": list(shape), "impl": "copy", "layout": "contiguous", "direction": "copy",
+                     "seconds": copy_s, "GB_per_s": copy_bps / 1e9, "fraction_of_copy": 1.0})
+        for impl in impls:
+            for layout in layouts:
+                if impl == "numpy" and (device.type != "cpu" or layout != "contiguous"):
+                    continue
+                for direction in directions:
+                    if progress:
+                        progress(f"{impl} {layout} {direction} {tuple(shape)}")
+                    seconds = time_step(impl, shape, direction, layout, repeats, dtype, device)
+                    bps = bytes_moved(shape, direction, dtype) / seconds
+                    rows.append({"shape": list(shape), "impl": impl, "layout": layout, "direction": direction,
+                                 "seconds": seconds, "GB_per_s": bps / 1e9, "fraction_of_copy": bps / copy_bps})
+    return rows
+
+
+def numpy_backward_speed(shape=TARGET_SHAPE, repeats=10):
+    """Issue 2: seconds of the staged and the compact NumPy backward pass, and their ratio."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dout = rng.standard_normal(shape, dtype=np.float32)
+    C = shape[1]
+    _, cache = numpy_bn.batchnorm_forward(x, np.ones(C, np.float32), np.zeros(C, np.float32))
+    staged = median_time(lambda: numpy_bn.batchnorm_backward_staged(dout, cache), repeats)
+    compact = median_time(lambda: numpy_bn.batchnorm_backward(dout, cache), repeats)
+    return {"shape": list(shape), "staged_s": staged, "compact_s": compact, "staged_over_compact": staged / compact}
+
+
+def module_vs_native(impl, shape=TARGET_SHAPE, repeats=10, layout="contiguous", device=torch.device("cpu")):
+    """Forward + backward seconds of ``impl`` and of nn.BatchNorm2d, and their ratio (impl / native)."""
+    seconds = time_step(impl, shape, "forward+backward", layout, repeats, device=device)
+    native = time_step("native", shape, "forward+backward", layout, repeats, device=device)
+    return {"impl": impl, "shape": list(shape), "layout": layout, "impl_s": seconds, "native_s": native,
+            "ratio": seconds / native}
+
+
+def compile_seconds(shape, device=torch.device("cpu")):
+    """Wall time of the first compiled forward + backward at ``shape``: generating and compiling code."""
+    step = make_step("compiled", shape, "forward+backward", device=device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+# --- the run, its record and its printout ----------------------------------------------------------
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(sizes=None, repeats=10, target_shape=TARGET_SHAPE, device=None, threads=None,
+        impls=IMPLEMENTATIONS, progress=None):
+    """Every measurement of this module, as one JSON-ready dict (also what ``--save`` writes)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if sizes is None:
+        sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    result = {"meta": {
+        "device": str(device), "device_name": _device_name(device), "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+        "python": platform.python_version(), "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "repeats": repeats, "statistic": "median", "passes": PASSES,
+        "command": "python -m bn_course.bench " + " ".join(sys.argv[1:]) if __name__ == "__main__" else "bn_course.bench.run()",
+    }}
+    if "compiled" in impls:
+        result["compile_seconds"] = compile_seconds(sizes[0], device)  # first use: code generation
+    result["bandwidth"] = bandwidth_table(sizes, impls, repeats=repeats, device=device, progress=progress)
+    if device.type == "cpu":
+        result["numpy_backward"] = numpy_backward_speed(target_shape, repeats)
+    result["vs_native"] = [module_vs_native(impl, target_shape, repeats, device=device)
+                           for impl in ("from-scratch", "compiled") if impl in impls]
+    return result
+
+
+def format_table(result):
+    """The measurements as aligned text, one line per row, then the targets."""
+    meta = result["meta"]
+    lines = [f"batch norm, training mode, float32 on {meta['device']} ({meta['device_name']}), "
+             f"{meta['torch_threads']} thread(s), torch {meta['torch']}; median of {meta['repeats']} runs",
+             f"least bytes moved: forward {PASSES['forward']} passes, forward+backward "
+             f"{PASSES['forward+backward']} passes of x's size",
+             "",
+             f"{'shape':>18} {'implementation':>14} {'layout':>14} {'direction':>17} "
+             f"{'ms':>9} {'MB/pass':>8} {'GB/s':>7} {'of copy':>8}"]
+    for row in result["bandwidth"]:
+        mb = tensor_bytes(row["shape"]) / 1e6
+        lines.append(f"{str(tuple(row['shape'])):>18} {row['impl']:>14} {row['layout']:>14} {row['direction']:>17} "
+                     f"{row['seconds'] * 1e3:9.3f} {mb:8.1f} {row['GB_per_s']:7.1f} {row['fraction_of_copy']:8.0%}")
+    if "compile_seconds" in result:
+        lines.append(f"\nfirst call of the compiled module (code generation and compilation): "
+                     f"{result['compile_seconds']:.1f} s")
+    if "numpy_backward" in result:
+        nb = result["numpy_backward"]
+        verdict = "met" if nb["staged_over_compact"] >= 2 else "NOT met"
+        lines.append(f"NumPy backward at {tuple(nb['shape'])}: staged {nb['staged_s'] * 1e3:.1f} ms, compact "
+                     f"{nb['compact_s'] * 1e3:.1f} ms, {nb['staged_over_compact']:.2f}x "
+                     f"(target: compact at least 2x faster: {verdict})")
+    targets = {"from-scratch": 3.0, "compiled": 1.2}
+    for v in result.get("vs_native", []):
+        limit = targets[v["impl"]]
+        verdict = "met" if v["ratio"] <= limit else "NOT met"
+        lines.append(f"{v['impl']} vs nn.BatchNorm2d, forward+backward at {tuple(v['shape'])} {v['layout']}: "
+                     f"{v['impl_s'] * 1e3:.1f} ms vs {v['native_s'] * 1e3:.1f} ms = {v['ratio']:.2f}x "
+                     f"(target: within {limit:g}x: {verdict})")
+    return "\n".join(lines)
+
+
+def load_reference(name="h100_issue5"):
+    """Measurements shipped with the course (made elsewhere, by the source they name)."""
+    path = REFERENCE_DIR / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in REFERENCE_DIR.glob("*.json"))
+        raise FileNotFoundError(f"no reference data named {name!r}; available: {known}.")
+    return json.loads(path.read_text())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bn_course.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 3 repeats: checks that it runs")
+    parser.add_argument("--sizes", type=str, default=None,
+                        help="shapes N,C,H,W separated by ';', e.g. '16,64,32,32;64,64,32,32'")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10)")
+    parser.add_argument("--device", type=str, default=None, help="cpu or cuda (default: bn_course.get_device())")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steady numbers on a shared machine; see the module doc)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd module")
+    parser.add_argument("--save", type=str, default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    from bn_course import get_device
+    device = torch.device(args.device) if args.device else get_device()
+    sizes = None
+    target = TARGET_SHAPE
+    if args.sizes:
+        try:
+            sizes = [tuple(int(n) for n in s.split(",")) for s in args.sizes.split(";") if s.strip()]
+        except ValueError:
+            parser.error(f"--sizes must look like '16,64,32,32;64,64,32,32', got {args.sizes!r}")
+        if any(len(s) != 4 for s in sizes):
+            parser.error(f"--sizes takes 4-D shapes N,C,H,W (as nn.BatchNorm2d), got {sizes}")
+    repeats = args.repeats or 10
+    if args.quick:
+        sizes, target, repeats = sizes or QUICK_SIZES, QUICK_SIZES[0], args.repeats or 3
+    impls = tuple(i for i in IMPLEMENTATIONS if not (args.no_compile and i == "compiled"))
+    result = run(sizes, repeats, target, device, args.threads, impls,
+                 progress=lambda s: print("  measuring", s, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.save:
+        Path(args.save).write_text(json.dumps(result, indent=2))
+        print(f"\nsaved to {args.save}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,646 @@
+"""Exercise checkers: call one on your function, read what it prints.
+
+Each checker runs your function on a few small inputs, compares the result with
+a reference implementation and returns ``True`` when it is right. When it is
+wrong, it prints what differs and, when the result matches a *known* mistake
+(for instance the unbiased variance, or epsilon outside the square root), it
+names that mistake and explains why it is one. A checker never raises: whatever
+your function does (raises, returns ``None``, returns the wrong shape, NaN...)
+it prints a message and returns ``False``. An untouched stub (one that raises
+``NotImplementedError`` or returns ``None``) is reported as "not attempted yet".
+
+The signatures the checkers expect:
+
+=============================  =================================================================
+checker                        your function
+=============================  =================================================================
+check_batchnorm_forward        ``fn(x, gamma, beta, eps) -> out`` (NumPy, training mode)
+check_batchnorm_backward       ``fn(dout, x, gamma, eps) -> (dx, dgamma, dbeta)`` (NumPy)
+check_running_stats_update     ``fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)``
+                               (NumPy, PyTorch's convention:
+                               ``new = (1 - momentum) * old + momentum * batch``,
+                               batch variance unbiased)
+check_batchnorm_function       a ``torch.autograd.Function`` subclass ``cls`` used as
+                               ``cls.apply(x, gamma, beta, eps) -> out``
+=============================  =================================================================
+
+Shapes: ``x`` and ``dout`` are ``(N, C)`` or ``(N, C, *spatial)``; ``gamma``, ``beta``,
+``running_mean``, ``running_var`` and the gradients ``dgamma``, ``dbeta`` are ``(C,)``.
+"""
+
+import functools
+
+import numpy as np
+
+__all__ = [
+    "check_batchnorm_forward",
+    "check_batchnorm_backward",
+    "check_running_stats_update",
+    "check_batchnorm_function",
+]
+
+# float64 inputs: a correct answer agrees to ~1e-12; every named mistake differs by > 1e-2.
+RTOL, ATOL = 1e-5, 1e-7
+# Recognising a mistake is looser: e.g. "eps ignored" may mean eps=0 or a hard-coded 1e-5.
+MISTAKE_RTOL, MISTAKE_ATOL = 1e-4, 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers: calling the learner's code safely and printing verdicts
+# ---------------------------------------------------------------------------------------
+
+class _NotAttempted(Exception):
+    """The learner's function is still the stub."""
+
+
+class _Raised(Exception):
+    """The learner's function raised; carries a readable description."""
+
+
+def _call(fn, *args):
+    """Call fn(*args); turn a stub into _NotAttempted and any other error into _Raised."""
+    try:
+        with np.errstate(all="ignore"):
+            result = fn(*args)
+    except NotImplementedError:
+        raise _NotAttempted() from None
+    except Exception as err:  # noqa: BLE001 - the learner's code may raise anything
+        raise _Raised(f"{type(err).__name__}: {err}") from None
+    if result is None:
+        raise _NotAttempted()
+    return result
+
+
+def _never_raises(checker):
+    """Last line of defence: whatever happens inside a checker, print it and return False."""
+    @functools.wraps(checker)
+    def wrapper(fn):
+        try:
+            return checker(fn)
+        except Exception as err:  # noqa: BLE001
+            print(f"Not quite. Checking your answer failed with {type(err).__name__}: {err}. "
+                  "Look at what your function returns (type, shape, dtype).")
+            return False
+    return wrapper
+
+
+SPATIAL_HINT = (" Your function handles an (N, C) input but not an (N, C, H, W) one: take the "
+                "statistics over every axis except 1 (axes (0, 2, 3) here, with keepdims=True) and "
+                "reshape gamma and beta to (1, C, 1, 1) so they line up with the channel axis.")
+
+
+def _not_attempted(what):
+    print(f"Not attempted yet: {what} still raises NotImplementedError or returns None. "
+          "Fill in the stub, run its cell, then run this check again.")
+    return False
+
+
+def _fail(message):
+    print("Not quite. " + message)
+    return False
+
+
+def _passed(message):
+    print("Correct! " + message)
+    return True
+
+
+def _as_array(value, name):
+    """The learner's result as a float ndarray, or a string saying why it is not usable."""
+    try:
+        if hasattr(value, "detach"):  # a torch tensor slipped into a NumPy exercise
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value)
+    except Exception as err:  # noqa: BLE001
+        return None, f"{name} could not be read as an array ({type(err).__name__}: {err})."
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating)
+                                   or np.issubdtype(arr.dtype, np.integer)):
+        return None, (f"{name} should be an array of floats, got {type(value).__name__} "
+                      f"with dtype {arr.dtype}.")
+    return arr, None
+
+
+def _compare(value, expected, name):
+    """None when value matches expected, else a sentence describing the difference."""
+    arr, problem = _as_array(value, name)
+    if problem:
+        return problem
+    if arr.shape != expected.shape:
+        hint = ""
+        if arr.size == expected.size:
+            hint = (" It has the right number of entries: a leftover keepdims=True, or a "
+                    "reshape missing?")
+        elif expected.ndim == 1:
+            hint = (" One value per channel is expected: sum or average over every axis except "
+                    "axis 1 (the channels), i.e. axis 0 and all spatial axes.")
+        return f"{name} has shape {arr.shape}, expected {expected.shape}.{hint}"
+    if not np.all(np.isfinite(arr)):
+        return (f"{name} contains NaN or inf. Look for a division by zero or the square root of a "
+                "negative number (is epsilon added inside the square root?).")
+    if not np.allclose(arr, expected, rtol=RTOL, atol=ATOL):
+        err = float(np.max(np.abs(arr - expected)))
+        return f"{name} differs from the reference: largest absolute difference {err:.3g}."
+    return None
+
+
+def _is_structural(problem):
+    """A problem of type, shape or NaN, reported before any named mistake is looked for."""
+    return problem is not None and "differs from the reference" not in problem
+
+
+def _matches(value, expected, strict=False):
+    """Does value equal expected (strictly: the correctness tolerance; else the mistake one)?"""
+    arr, problem = _as_array(value, "")
+    rtol, atol = (RTOL, ATOL) if strict else (MISTAKE_RTOL, MISTAKE_ATOL)
+    return (problem is None and arr.shape == expected.shape
+            and np.allclose(arr, expected, rtol=rtol, atol=atol))
+
+
+def _axes_but_1(ndim):
+    return (0,) + tuple(range(2, ndim))
+
+
+def _pc(v, ndim):
+    """(C,) -> (1, C, 1, ...) for broadcasting."""
+    return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
+
+
+_AXIS_NAMES = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
+
+
+def _describe_axes(axes, ndim):
+    """(0, 2, 3) -> '(N, H, W)' for a 4-D input."""
+    names = _AXIS_NAMES.get(ndim, [f"axis{i}" for i in range(ndim)])
+    return "(" + ", ".join(names[a] for a in axes) + ")"
+
+
+def _x_shape_name(ndim):
+    return _describe_axes(tuple(range(ndim)), ndim)
+
+
+def _make_case(shape, seed, offset=0.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = offset + scale * rng.standard_normal(shape)
+    gamma = np.array([1.5, -0.5, 2.0, 0.7][:C])
+    beta = np.array([0.3, 1.0, -1.2, 0.1][:C])
+    dout = rng.standard_normal(shape)
+    return x, gamma, beta, dout
+
+
+CASES = [  # (shape, eps): a dense layer's (N, C) batch and a conv layer's (N, C, H, W) batch
+    ((6, 3), 0.1),
+    ((4, 3, 2, 5), 0.1),  # W != C, so a gamma broadcast along the last axis fails loudly
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward pass
+# ---------------------------------------------------------------------------------------
+
+def _forward(x, gamma, beta, eps, axes=None, ddof=0, eps_mode="inside", swap=False, affine=True):
+    """Reference forward, with switches that reproduce the common mistakes."""
+    axes = _axes_but_1(x.ndim) if axes is None else axes
+    mu = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True, ddof=ddof)
+    if eps_mode == "inside":
+        x_hat = (x - mu) / np.sqrt(var + eps)
+    elif eps_mode == "outside":
+        x_hat = (x - mu) / (np.sqrt(var) + eps)
+    else:  # "ignored"
+        x_hat = (x - mu) / np.sqrt(var + 1e-5)
+    if not affine:
+        return x_hat
+    g, b = (beta, gamma) if swap else (gamma, beta)
+    return _pc(g, x.ndim) * x_hat + _pc(b, x.ndim)
+
+
+def _forward_mistakes(x, gamma, beta, eps):
+    """(name, explanation, output) for each recognised mistake on this input."""
+    n = x.ndim
+    good = _axes_but_1(n)
+    out = [
+        ("unbiased variance",
+         "you divided the batch variance by m - 1 (np.var(..., ddof=1) or torch.var's default). "
+         "Training-mode batch norm normalizes with the biased variance, the plain mean of "
+         "(x - mu)**2 over the m values of a channel; the unbiased one only enters the running "
+         "variance.",
+         _forward(x, gamma, beta, eps, ddof=1)),
+        ("epsilon outside the square root",
+         "you computed (x - mu) / (sqrt(var) + eps). Epsilon belongs inside: "
+         "(x - mu) / sqrt(var + eps). It is a variance-sized safety term, added where the "
+         "variance is, and the backward formulas assume that form.",
+         _forward(x, gamma, beta, eps, eps_mode="outside")),
+        ("epsilon ignored",
+         "your result does not use the eps argument (a hard-coded 1e-5, or none). Use the "
+         "eps you are given.",
+         _forward(x, gamma, beta, eps, eps_mode="ignored")),
+        ("gamma and beta swapped",
+         "you computed beta * x_hat + gamma. gamma is the scale (it multiplies x_hat) and beta "
+         "the shift (it is added).",
+         _forward(x, gamma, beta, eps, swap=True)),
+        ("gamma and beta not applied",
+         "you returned x_hat. Step 4 scales and shifts it: out = gamma * x_hat + beta.",
+         _forward(x, gamma, beta, eps, affine=False)),
+    ]
+    # statistics over the wrong axes
+    candidates = {(1,): "per sample, across the channels (that is layer norm, not batch norm)",
+                  tuple(range(n)): ("over everything, channels included (one mean for the "
+                                    "whole batch)")}
+    if n > 2:
+        candidates[(0,)] = ("over the batch axis only, so every spatial position got its own "
+                            "statistics (a conv layer's channel shares one mean and variance "
+                            "over N and all positions)")
+        candidates[tuple(range(1, n))] = "per sample, over channels and positions (layer norm)"
+        candidates[tuple(range(2, n))] = ("per sample and channel, over positions only "
+                                          "(instance norm)")
+    for axes, where in candidates.items():
+        if axes != good:
+            out.append((
+                "statistics over the wrong axes",
+                f"your mean and variance were taken over axes {axes} {_describe_axes(axes, n)}: "
+                f"{where}. Batch norm takes one mean and one variance per channel, over every "
+                f"axis except axis 1: axes {good} {_describe_axes(good, n)} for an input of "
+                f"shape {_x_shape_name(n)}.",
+                _forward(x, gamma, beta, eps, axes=axes)))
+    return out
+
+
+def _diagnose(value, mistakes):
+    """The first (name, explanation) whose output matches value, else None."""
+    for name, why, expected in mistakes:
+        if _matches(value, expected):
+            return name, why
+    return None
+
+
+@_never_raises
+def check_batchnorm_forward(fn):
+    """Check a NumPy training-mode forward pass ``fn(x, gamma, beta, eps) -> out``.
+
+    x: (N, C) or (N, C, *spatial); gamma, beta: (C,); out: shape of x.
+    Prints what is wrong (naming common mistakes) and returns True or False; never raises.
+    """
+    if not callable(fn):
+        return _fail(f"expected a function fn(x, gamma, beta, eps), got {type(fn).__name__}.")
+    try:
+        for seed, (shape, eps) in enumerate(CASES):
+            x, gamma, beta, _ = _make_case(shape, seed)
+            x_in = x.copy()
+            out = _call(fn, x_in, gamma.copy(), beta.copy(), eps)
+            expected = _forward(x, gamma, beta, eps)
+            if isinstance(out, tuple):
+                return _fail(f"fn returned a tuple of {len(out)} items; it should return only "
+                             "out, the normalized array (shape of x).")
+            problem = _compare(out, expected, "out")
+            if problem:
+                found = _diagnose(out, _forward_mistakes(x, gamma, beta, eps))
+                if found:
+                    return _fail(f"On an input of shape {shape}: {found[0]}: {found[1]}")
+                hint = SPATIAL_HINT if len(shape) > 2 else ""
+                return _fail(f"On an input of shape {shape}: {problem} Check the four steps: "
+                             "mean, biased variance, x_hat = (x - mu) / sqrt(var + eps), "
+                             "gamma * x_hat + beta, per channel." + hint)
+            if not np.array_equal(x_in, x):
+                return _fail("your function changed its input x in place (e.g. x -= mu). "
+                             "Work on new arrays so the caller's data is left alone.")
+        # precision: float32 in, float32 out
+        shape = (5, 3, 2)
+        x, gamma, beta, _ = _make_case(shape, 7)
+        x32, g32, b32 = x.astype(np.float32), gamma.astype(np.float32), beta.astype(np.float32)
+        out = _call(fn, x32, g32, b32, 1e-5)
+        arr, problem = _as_array(out, "out")
+        if problem:
+            return _fail(problem)
+        dtype = arr.dtype
+        if dtype != np.float32:
+            return _fail(f"a float32 input gave a {dtype} output. Keep the input's precision: "
+                         "avoid float64 constants or arrays (np.float64(...), np.array([...]) "
+                         "of Python floats) in the computation.")
+    except _NotAttempted:
+        return _not_attempted("the forward pass")
+    except _Raised as err:
+        return _fail(f"your function raised {err}." + (SPATIAL_HINT if len(shape) > 2 else ""))
+    return _passed("Your forward pass matches the reference on (N, C) and (N, C, H, W) inputs "
+                   "and keeps float32 as float32.")
+
+
+# ---------------------------------------------------------------------------------------
+# Backward pass
+# ---------------------------------------------------------------------------------------
+
+def _backward(dout, x, gamma, eps, ddof=0, eps_mode="inside", through_mu=True, through_var=True,
+              means_as_sums=False, times_m=False, use_gamma=True, dgamma_from_x=False, swap=False):
+    """Reference backward (compact form), with switches that reproduce the common mistakes."""
+    n = x.ndim
+    axes = _axes_but_1(n)
+    m = x.size // x.shape[1]
+    mu = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True, ddof=ddof)
+    inv_std = 1.0 / np.sqrt(var + (eps if eps_mode == "inside" else 1e-5))
+    x_hat = (x - mu) * inv_std
+    dbeta = dout.sum(axis=axes)
+    dgamma = (dout * (x if dgamma_from_x else x_hat)).sum(axis=axes)
+    reduce = (lambda a: a.sum(axis=axes, keepdims=True)) if means_as_sums else \
+        (lambda a: a.mean(axis=axes, keepdims=True))
+    inner = dout.copy()
+    if through_mu:
+        inner = inner - reduce(dout)
+    if through_var:
+        inner = inner - x_hat * reduce(dout * x_hat)
+    scale = (_pc(gamma, n) if use_gamma else 1.0) * inv_std
+    dx = scale * inner * (m if times_m else 1)
+    if swap:
+        dgamma, dbeta = dbeta, dgamma
+    return dx, dgamma, dbeta
+
+
+def _backward_mistakes(dout, x, gamma, eps):
+    """(name, explanation, (dx, dgamma, dbeta)) for each recognised mistake."""
+    return [
+        ("no gradient through the mean and the variance",
+         "your dx is gamma * dout / sqrt(var + eps), as if mu and var were constants. They are "
+         "computed from x, so every x_i also moves the output through them: "
+         "dx = gamma / sqrt(var + eps) * (dout - mean(dout) - x_hat * mean(dout * x_hat)).",
+         _backward(dout, x, gamma, eps, through_mu=False, through_var=False)),
+        ("no gradient through the variance",
+         "your dx lacks the term - x_hat * mean(dout * x_hat), which is the path from x through "
+         "var. The variance depends on x, so its gradient flows back too.",
+         _backward(dout, x, gamma, eps, through_var=False)),
+        ("no gradient through the mean",
+         "your dx lacks the term - mean(dout), which is the path from x through mu. The mean "
+         "depends on every x_i, so its gradient flows back too.",
+         _backward(dout, x, gamma, eps, through_mu=False)),
+        ("missing 1/m",
+         "your dx is m times too large (m = values per channel). In the form "
+         "dx = 1/m * gamma / sqrt(var + eps) * (m * dout - sum(dout) - x_hat * sum(dout * x_hat)) "
+         "the leading 1/m is easy to drop.",
+         _backward(dout, x, gamma, eps, times_m=True)),
+        ("sums where means belong",
+         "you used sum(dout) and sum(dout * x_hat) in dx where the means (sums divided by m) "
+         "belong: the 1/m comes from the derivative of mu = sum(x) / m.",
+         _backward(dout, x, gamma, eps, means_as_sums=True)),
+        ("dgamma and dbeta swapped",
+         "dbeta = sum(dout) (beta is added, so its gradient is dout summed per channel) and "
+         "dgamma = sum(dout * x_hat) (gamma multiplies x_hat).",
+         _backward(dout, x, gamma, eps, swap=True)),
+        ("dgamma computed from x instead of x_hat",
+         "gamma multiplies x_hat, not x, so dgamma = sum(dout * x_hat) per channel.",
+         _backward(dout, x, gamma, eps, dgamma_from_x=True)),
+        ("gamma missing from dx",
+         "out = gamma * x_hat + beta, so the gradient reaching x_hat is gamma * dout: dx carries "
+         "a factor gamma per channel.",
+         _backward(dout, x, gamma, eps, use_gamma=False)),
+        ("unbiased variance",
+         "your dx uses the variance divided by m - 1. The forward pass normalizes with the "
+         "biased variance (divided by m), and the backward pass must differentiate that same "
+         "computation.",
+         _backward(dout, x, gamma, eps, ddof=1)),
+        ("epsilon ignored",
+         "your dx does not use the eps argument. The forward pass divides by sqrt(var + eps), "
+         "so the backward pass has the same 1 / sqrt(var + eps).",
+         _backward(dout, x, gamma, eps, eps_mode="ignored")),
+    ]
+
+
+def _check_three_grads(grads, expected, mistakes, shape):
+    """None when the three gradients match, else the message to print."""
+    names = ("dx", "dgamma", "dbeta")
+    problems = [p for p in (_compare(g, e, n) for g, e, n in zip(grads, expected, names)) if p]
+    if not problems:
+        return None
+    if any(_is_structural(p) for p in problems):
+        structural = [p for p in problems if _is_structural(p)]
+        return f"On an input of shape {shape}: " + " ".join(structural)
+    for name, why, wrong in mistakes:
+        if all(_matches(g, w) for g, w in zip(grads, wrong)):
+            return f"On an input of shape {shape}: {name}: {why}"
+    # partial match: name the mistake that explains the wrong component(s)
+    for name, why, wrong in mistakes:
+        explains = [n for g, e, w, n in zip(grads, expected, wrong, names)
+                    if not _matches(g, e, strict=True) and _matches(g, w)]
+        if explains:
+            return f"On an input of shape {shape}: {', '.join(explains)}: {name}: {why}"
+    return f"On an input of shape {shape}: " + " ".join(problems)
+
+
+@_never_raises
+def check_batchnorm_backward(fn):
+    """Check a NumPy backward pass ``fn(dout, x, gamma, eps) -> (dx, dgamma, dbeta)``.
+
+    dout, x: (N, C) or (N, C, *spatial); gamma: (C,). dx has the shape of x; dgamma, dbeta (C,).
+    The forward pass it differentiates is training-mode batch norm with the biased variance.
+    Prints what is wrong (naming common mistakes) and returns True or False; never raises.
+    """
+    if not callable(fn):
+        return _fail(f"expected a function fn(dout, x, gamma, eps), got {type(fn).__name__}.")
+    try:
+        for seed, (shape, eps) in enumerate(CASES):
+            x, gamma, _, dout = _make_case(shape, 10 + seed)
+            grads = _call(fn, dout.copy(), x.copy(), gamma.copy(), eps)
+            if not isinstance(grads, (tuple, list)) or len(grads) != 3:
+                what = f"a {type(grads).__name__}" + (f" of {len(grads)} items"
+                                                      if isinstance(grads, (tuple, list)) else "")
+                return _fail(f"fn returned {what}; it should return three arrays "
+                             "(dx, dgamma, dbeta).")
+            message = _check_three_grads(grads, _backward(dout, x, gamma, eps),
+                                         _backward_mistakes(dout, x, gamma, eps), shape)
+            if message:
+                return _fail(message)
+    except _NotAttempted:
+        return _not_attempted("the backward pass")
+    except _Raised as err:
+        return _fail(f"your function raised {err}." + (SPATIAL_HINT if len(shape) > 2 else ""))
+    return _passed("dx, dgamma and dbeta match the reference on (N, C) and (N, C, H, W) inputs.")
+
+
+# ---------------------------------------------------------------------------------------
+# Running statistics
+# ---------------------------------------------------------------------------------------
+
+def _running(running_mean, running_var, x, momentum, ddof=1, reverse=False, std=False,
+             var_from_mean=False):
+    """Reference running-statistics update, with switches for the common mistakes."""
+    axes = _axes_but_1(x.ndim)
+    mu = x.mean(axis=axes)
+    var = x.var(axis=axes, ddof=ddof)
+    if std:
+        var = np.sqrt(var)
+    if var_from_mean:
+        var = mu
+    keep = momentum if reverse else 1 - momentum
+    return keep * running_mean + (1 - keep) * mu, keep * running_var + (1 - keep) * var
+
+
+def _running_mistakes(running_mean, running_var, x, momentum):
+    args = (running_mean, running_var, x, momentum)
+    new_mean, new_var = _running(*args)
+    batch_mean = x.mean(axis=_axes_but_1(x.ndim))
+    batch_var = x.var(axis=_axes_but_1(x.ndim), ddof=1)
+    return [
+        ("momentum convention reversed",
+         "you kept momentum of the old value and mixed in (1 - momentum) of the batch. In "
+         "PyTorch, momentum is the weight of the NEW batch: new = (1 - momentum) * old + "
+         "momentum * batch, so momentum=0.1 moves the average 10% of the way. (Keras writes "
+         "the same rule with momentum=0.99 meaning 'keep 99%'.)",
+         _running(*args, reverse=True)),
+        ("biased variance",
+         "you averaged the biased batch variance (divided by m). The running variance "
+         "estimates the population variance for inference, so PyTorch uses the unbiased "
+         "batch variance, divided by m - 1.",
+         _running(*args, ddof=0)),
+        ("standard deviation instead of variance",
+         "you averaged the batch standard deviation into running_var. It tracks the "
+         "variance (squared spread), unbiased.",
+         _running(*args, std=True)),
+        ("running variance updated with the mean",
+         "new_var was updated with the batch mean (a copy-paste slip): it must average the "
+         "batch variance.",
+         _running(*args, var_from_mean=True)),
+        ("old value ignored",
+         "your result is just the batch statistics: the running averages must blend the old "
+         "value in, new = (1 - momentum) * old + momentum * batch.",
+         (batch_mean, batch_var)),
+        ("running statistics not updated",
+         "your result equals the old running_mean and running_var.",
+         (running_mean.copy(), running_var.copy())),
+        ("mean and variance returned in the wrong order",
+         "return (new_mean, new_var), in that order.",
+         (new_var, new_mean)),
+    ]
+
+
+@_never_raises
+def check_running_stats_update(fn):
+    """Check ``fn(running_mean, running_var, x, momentum) -> (new_mean, new_var)``.
+
+    PyTorch's convention: ``new = (1 - momentum) * old + momentum * batch``, with the batch
+    mean and the *unbiased* batch variance (divided by m - 1) of each channel.
+    running_mean, running_var: (C,); x: (N, C) or (N, C, *spatial). Several steps are run,
+    starting from PyTorch's initial values (mean 0, variance 1), with two momentum values.
+    Prints what is wrong (naming common mistakes) and returns True or False; never raises.
+    """
+    if not callable(fn):
+        return _fail(f"expected a function fn(running_mean, running_var, x, momentum), "
+                     f"got {type(fn).__name__}.")
+    try:
+        for case, (shape, momentum) in enumerate([((8, 3), 0.1), ((4, 3, 2, 5), 0.3)]):
+            C = shape[1]
+            running_mean, running_var = np.zeros(C), np.ones(C)  # PyTorch's initial buffers
+            for step in range(3):
+                x, _, _, _ = _make_case(shape, 20 + 3 * case + step, offset=2.0 + step)
+                result = _call(fn, running_mean.copy(), running_var.copy(), x.copy(), momentum)
+                if not isinstance(result, (tuple, list)) or len(result) != 2:
+                    return _fail(f"fn returned {type(result).__name__}; it should return two "
+                                 "arrays (new_mean, new_var).")
+                expected = _running(running_mean, running_var, x, momentum)
+                problems = [p for p in (_compare(r, e, n) for r, e, n in
+                                        zip(result, expected, ("new_mean", "new_var"))) if p]
+                if problems:
+                    where = f"Step {step + 1} with momentum={momentum} on x of shape {shape}: "
+                    if any(_is_structural(p) for p in problems):
+                        return _fail(where + " ".join(p for p in problems if _is_structural(p)))
+                    mistakes = _running_mistakes(running_mean, running_var, x, momentum)
+                    for name, why, wrong in mistakes:
+                        if all(_matches(r, w) for r, w in zip(result, wrong)):
+                            return _fail(where + f"{name}: {why}")
+                    for name, why, wrong in mistakes:
+                        if any(_matches(r, w) and not _matches(r, e, strict=True)
+                               for r, w, e in zip(result, wrong, expected)):
+                            return _fail(where + f"{name}: {why}")
+                    if all(_matches(r, e) for r, e in zip(result, _running(
+                            running_mean, running_var, x, 0.1))):
+                        return _fail(where + "momentum ignored: your result uses momentum=0.1 "
+                                     "whatever momentum is passed.")
+                    return _fail(where + " ".join(problems))
+                running_mean, running_var = expected
+    except _NotAttempted:
+        return _not_attempted("the running-statistics update")
+    except _Raised as err:
+        return _fail(f"your function raised {err}")
+    return _passed("Your update matches PyTorch's convention over several steps, with "
+                   "momentum 0.1 and 0.3, on (N, C) and (N, C, H, W) inputs.")
+
+
+# ---------------------------------------------------------------------------------------
+# torch.autograd.Function
+# ---------------------------------------------------------------------------------------
+
+@_never_raises
+def check_batchnorm_function(cls):
+    """Check a ``torch.autograd.Function`` subclass used as ``cls.apply(x, gamma, beta, eps)``.
+
+    x: (N, C) or (N, C, *spatial); gamma, beta: (C,). The forward output and the gradients
+    that your backward returns for x, gamma and beta are compared with the reference (float64).
+    Prints what is wrong (naming common mistakes) and returns True or False; never raises.
+    """
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the course
+        return _fail("PyTorch is not installed.")
+    if not (isinstance(cls, type) and issubclass(cls, torch.autograd.Function)):
+        return _fail(f"expected a subclass of torch.autograd.Function (the class itself, e.g. "
+                     f"check_batchnorm_function(MyBatchNorm)), got {cls!r}.")
+    if isinstance(cls, type) and cls.forward is torch.autograd.Function.forward:
+        return _not_attempted("forward")
+    try:
+        for seed, (shape, eps) in enumerate(CASES):
+            x, gamma, beta, dout = _make_case(shape, 30 + seed)
+            xt, gt, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True)
+                          for a in (x, gamma, beta))
+            try:
+                out = _call(cls.apply, xt, gt, bt, eps)
+            except _NotAttempted:
+                return _not_attempted("forward")
+            if not isinstance(out, torch.Tensor):
+                return _fail(f"forward returned {type(out).__name__}; it should return one "
+                             "tensor, out, with the shape of x.")
+            if out.dtype != torch.float64:
+                return _fail(f"a float64 input gave a {out.dtype} output: keep the input's dtype.")
+            out_np = out.detach().cpu().numpy()
+            expected = _forward(x, gamma, beta, eps)
+            problem = _compare(out_np, expected, "forward's out")
+            if problem:
+                found = _diagnose(out_np, _forward_mistakes(x, gamma, beta, eps))
+                if found:
+                    return _fail(f"forward, on an input of shape {shape}: {found[0]}: {found[1]}")
+                return _fail(f"forward, on an input of shape {shape}: {problem}")
+            if not out.requires_grad:
+                return _fail("out does not require grad: use cls.apply(...) and do not detach.")
+            try:
+                with np.errstate(all="ignore"):
+                    out.backward(torch.tensor(dout))
+            except NotImplementedError:
+                return _not_attempted("backward (forward is correct)")
+            except RuntimeError as err:
+                text = str(err)
+                if "incorrect number of gradients" in text:
+                    return _fail(
+                        "backward returned the wrong number of gradients: " + text.split("\n")[0]
+                        + ". backward must return one value per input of forward, in order: "
+                        "(dx, dgamma, dbeta, None) - None for eps, which is a plain number.")
+                if "invalid gradient" in text:
+                    return _fail("backward returned a gradient of the wrong shape: "
+                                 + text.split("\n")[0] + ". dx has the shape of x; dgamma and "
+                                 "dbeta have shape (C,): sum over every axis except axis 1.")
+                first_line = text.splitlines()[0] if text else ""
+                return _fail(f"backward raised RuntimeError: {first_line}")
+            except Exception as err:  # noqa: BLE001
+                return _fail(f"backward raised {type(err).__name__}: {err}")
+            grads = []
+            for name, t in (("dx", xt), ("dgamma", gt), ("dbeta", bt)):
+                if t.grad is None:
+                    return _fail(f"backward returned None for {name}; return a gradient for each "
+                                 "of x, gamma and beta (and None for eps).")
+                grads.append(t.grad.detach().cpu().numpy())
+            message = _check_three_grads(grads, _backward(dout, x, gamma, eps),
+                                         _backward_mistakes(dout, x, gamma, eps), shape)
+            if message:
+                return _fail("backward, o" + message[1:])
+    except _NotAttempted:
+        return _not_attempted("forward")
+    except _Raised as err:
+        return _fail(f"forward raised {err}")
+    except Exception as err:  # noqa: BLE001 - never raise on a learner's class
+        return _fail(f"something went wrong running your Function: {type(err).__name__}: {err}")
+    return _passed("forward and backward match the reference on (N, C) and (N, C, H, W) inputs.")

@@ -1,0 +1,341 @@
+"""The relatives of batch norm, written from scratch with one shared step.
+
+Every normalization here is the same two lines, only over different axes::
+
+    x_hat = (x - mean(x)) / sqrt(var(x) + eps)     # statistics over `dims`
+    out   = gamma * x_hat + beta                   # learned, per channel (or per feature)
+
+For an input ``x`` of shape ``(N, C, *spatial)``:
+
+=================  ===========================================  ==========================
+normalization      statistics over                               depends on other samples?
+=================  ===========================================  ==========================
+BatchNorm          N and spatial, per channel                    yes (the batch)
+LayerNorm          the trailing ``normalized_shape`` dims        no
+InstanceNorm       spatial, per sample and channel               no
+GroupNorm          C/G channels and spatial, per sample & group  no
+=================  ===========================================  ==========================
+
+Batch Renormalization and Ghost Batch Normalization keep batch norm's axes but
+change *which* statistics are used in training (see their classes).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from bn_course._validate import check_enough_values as check_bn_values
+from bn_course.torch_bn import BatchNorm, per_channel, reduce_dims
+
+
+# --- input checks ------------------------------------------------------------------------
+
+def check_float_tensor(x, where):
+    """x must be a floating-point torch.Tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{where} must be a floating-point tensor, got dtype {x.dtype}. Convert it first, e.g. x.float()."
+        )
+
+
+def check_min_rank(x, rank, layout, where):
+    """x must have at least ``rank`` dimensions, laid out as ``layout`` says."""
+    if x.dim() < rank:
+        raise ValueError(
+            f"{where} expects an input of shape {layout} with at least {rank} dimensions, "
+            f"got shape {tuple(x.shape)} ({x.dim()}D)."
+        )
+
+
+def check_num_channels(x, num_channels, where):
+    """Axis 1 of x must hold ``num_channels`` channels."""
+    if x.shape[1] != num_channels:
+        raise ValueError(
+            f"{where} was built for {num_channels} channels but got an input with {x.shape[1]} "
+            f"channels (axis 1 of shape {tuple(x.shape)})."
+        )
+
+
+def check_enough_values(m, shape, where, what):
+    """Statistics need at least two values, or x_hat is 0 whatever the input."""
+    if m <= 1:
+        raise ValueError(
+            f"{where}: expected more than 1 value per {what} to compute a variance, got input of shape "
+            f"{tuple(shape)} ({m} value). The variance of one value is 0, so x_hat would be 0 for every input."
+        )
+
+
+# --- the shared step -----------------------------------------------------------------------
+
+def standardize(x, dims, eps=1e-5):
+    """(x - mu) / sqrt(var + eps), with mu and the biased var taken over ``dims``.
+
+    x: any shape; dims: the dims the statistics are taken over. Returns x_hat (shape of x),
+    mu and var (shape of x with ``dims`` kept as size 1).
+    """
+    var, mu = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
+    x_hat = (x - mu) * torch.rsqrt(var + eps)
+    return x_hat, mu, var
+
+
+# --- LayerNorm -----------------------------------------------------------------------------
+
+def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
+    """Layer normalization: statistics over the trailing ``normalized_shape`` dims of each sample.
+
+    x: (*, *normalized_shape); gamma, beta: normalized_shape or None. Returns the shape of x.
+    Matches torch.nn.functional.layer_norm.
+    """
+    normalized_shape = tuple(normalized_shape)
+    where = f"layer_norm(normalized_shape={normalized_shape})"
+    check_float_tensor(x, f"{where} input")
+    k = len(normalized_shape)
+    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k:]) != normalized_shape:
+        raise ValueError(
+            f"{where}: the input's last {k} dimensions must equal normalized_shape={normalized_shape}, "
+            f"got input of shape {tuple(x.shape)}."
+        )
+    dims = list(range(x.dim() - k, x.dim()))
+    x_hat, _, _ = standardize(x, dims, eps)
+    out = x_hat
+    if gamma is not None:
+        out = out * gamma
+    if beta is not None:
+        out = out + beta
+    return out
+
+
+class LayerNorm(nn.Module):
+    """Drop-in for ``torch.nn.LayerNorm``: per-sample statistics over the last dims.
+
+    Same arguments (normalized_shape, eps, elementwise_affine, bias) and the same
+    ``weight``/``bias`` parameters of shape ``normalized_shape``.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True):
+        super().__init__()
+        if isinstance(normalized_shape, int):
+            normalized_shape = (normalized_shape,)
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.normalized_shape))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(self.normalized_shape))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+    def forward(self, x):
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+# --- GroupNorm -----------------------------------------------------------------------------
+
+def check_groups(num_groups, num_channels):
+    """num_groups must be a positive divisor of num_channels."""
+    if num_groups < 1 or num_channels % num_groups != 0:
+        raise ValueError(
+            f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels} "
+            f"(each group holds C / G channels). Divisors of {num_channels}: "
+            f"{[g for g in range(1, num_channels + 1) if num_channels % g == 0]}."
+        )
+
+
+def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
+    """Group normalization: each sample's channels split into ``num_groups`` groups,
+    statistics over the channels of a group and all spatial positions.
+
+    x: (N, C, *spatial); gamma, beta: (C,) or None. Returns the shape of x.
+    num_groups=1 is LayerNorm over (C, *spatial); num_groups=C is InstanceNorm.
+    """
+    where = f"group_norm(num_groups={num_groups})"
+    check_float_tensor(x, f"{where} input")
+    check_min_rank(x, 2, "(N, C, *spatial)", where)
+    N, C = x.shape[0], x.shape[1]
+    check_groups(num_groups, C)
+    if gamma is not None:
+        check_num_channels(x, gamma.shape[0], where)
+    m = (C // num_groups) * int(math.prod(x.shape[2:]))
+    check_enough_values(m, x.shape, where, "group")
+    grouped = x.reshape(N, num_groups, -1)               # (N, G, C/G * prod(spatial))
+    x_hat, _, _ = standardize(grouped, [2], eps)
+    x_hat = x_hat.reshape(x.shape)
+    out = x_hat
+    if gamma is not None:
+        out = out * per_channel(gamma, x.dim())
+    if beta is not None:
+        out = out + per_channel(beta, x.dim())
+    return out
+
+
+class GroupNorm(nn.Module):
+    """Drop-in for ``torch.nn.GroupNorm(num_groups, num_channels, eps, affine)``."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        check_groups(num_groups, num_channels)
+        self.num_groups, self.num_channels = num_groups, num_channels
+        self.eps, self.affine = eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def extra_repr(self):
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x):
+        check_float_tensor(x, "GroupNorm input")
+        check_min_rank(x, 2, "(N, C, *spatial)", "GroupNorm")
+        check_num_channels(x, self.num_channels, f"GroupNorm({self.num_groups}, {self.num_channels})")
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+# --- InstanceNorm --------------------------------------------------------------------------
+
+def instance_norm(x, gamma=None, beta=None, eps=1e-5):
+    """Instance normalization: statistics over the spatial dims of each sample and channel.
+
+    x: (N, C, *spatial) with at least one spatial dim; gamma, beta: (C,) or None.
+    """
+    check_float_tensor(x, "instance_norm input")
+    check_min_rank(x, 3, "(N, C, *spatial)", "instance_norm")
+    if gamma is not None:
+        check_num_channels(x, gamma.shape[0], "instance_norm")
+    check_enough_values(int(math.prod(x.shape[2:])), x.shape, "instance_norm", "sample and channel")
+    x_hat, _, _ = standardize(x, list(range(2, x.dim())), eps)
+    out = x_hat
+    if gamma is not None:
+        out = out * per_channel(gamma, x.dim())
+    if beta is not None:
+        out = out + per_channel(beta, x.dim())
+    return out
+
+
+class InstanceNorm(nn.Module):
+    """Like ``torch.nn.InstanceNorm1d/2d/3d(num_features, eps, affine)`` for batched input.
+
+    Uses each sample's own statistics in training and evaluation alike
+    (``track_running_stats=False``, PyTorch's default; running statistics are not offered).
+    """
+
+    def __init__(self, num_features, eps=1e-5, affine=False):
+        super().__init__()
+        self.num_features, self.eps, self.affine = num_features, eps, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+    def forward(self, x):
+        check_float_tensor(x, "InstanceNorm input")
+        check_min_rank(x, 3, "(N, C, *spatial)", "InstanceNorm")
+        check_num_channels(x, self.num_features, f"InstanceNorm({self.num_features})")
+        return instance_norm(x, self.weight, self.bias, self.eps)
+
+
+# --- Batch Renormalization -----------------------------------------------------------------
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (Ioffe, 2017): batch norm whose training output uses the
+    running statistics, corrected by the batch's.
+
+    In training, per channel, with sigma_B = sqrt(var_B + eps) and sigma = sqrt(running_var + eps)::
+
+        r     = clip(sigma_B / sigma,              1 / r_max, r_max)   # no gradient
+        d     = clip((mu_B - running_mean) / sigma,   -d_max, d_max)   # no gradient
+        x_hat = (x - mu_B) / sigma_B * r + d
+        out   = gamma * x_hat + beta
+
+    Without clipping, x_hat = (x - running_mean) / sigma: the inference transform, so
+    training and evaluation agree. With r_max = 1 and d_max = 0 this is plain batch norm.
+    The gradient still flows through mu_B and sigma_B (as in batch norm); r and d are
+    treated as constants. Running statistics are updated as in ``BatchNorm``; evaluation
+    mode is batch norm's evaluation mode.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, r_max=3.0, d_max=5.0):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
+        if r_max < 1 or d_max < 0:
+            raise ValueError(f"BatchRenorm needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}.")
+        self.r_max, self.d_max = float(r_max), float(d_max)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        self._check(x)
+        check_bn_values(tuple(x.shape), f"{type(self).__name__} input")
+        dims = reduce_dims(x)
+        x_hat_batch, mu_B, var_B = standardize(x, dims, self.eps)
+        sigma_B = torch.sqrt(var_B + self.eps)
+        mu = per_channel(self.running_mean, x.dim()).to(x.dtype)
+        sigma = torch.sqrt(per_channel(self.running_var, x.dim()).to(x.dtype) + self.eps)
+        r = (sigma_B / sigma).detach().clamp(1 / self.r_max, self.r_max)
+        d = ((mu_B - mu) / sigma).detach().clamp(-self.d_max, self.d_max)
+        x_hat = x_hat_batch * r + d
+        self._update_running_stats(x)
+        if not self.affine:
+            return x_hat
+        return x_hat * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
+
+
+# --- Ghost Batch Normalization -------------------------------------------------------------
+
+class GhostBatchNorm(BatchNorm):
+    """Ghost Batch Normalization (Hoffer, Hubara & Soudry, 2017): in training, split the
+    batch into "ghost" batches of ``ghost_batch_size`` samples and batch-normalize each
+    with its own statistics; each ghost batch updates the running statistics in turn.
+
+    The same as running ``BatchNorm`` on ``x[0:g]``, ``x[g:2g]``, ... one after the other
+    (the last ghost batch may be smaller). Evaluation mode is batch norm's.
+    """
+
+    def __init__(self, num_features, ghost_batch_size=32, eps=1e-5, momentum=0.1, affine=True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
+        if int(ghost_batch_size) < 1:
+            raise ValueError(f"GhostBatchNorm needs ghost_batch_size >= 1, got {ghost_batch_size}.")
+        self.ghost_batch_size = int(ghost_batch_size)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        self._check(x)
+        return torch.cat([super(GhostBatchNorm, self).forward(chunk)
+                          for chunk in torch.split(x, self.ghost_batch_size, dim=0)], dim=0)
+
+
+# --- swapping the normalization of a model -------------------------------------------------
+
+def replace_batchnorm(model, make):
+    """Replace, in place, every ``nn.BatchNorm1d/2d/3d`` of ``model`` by ``make(num_features)``.
+
+    E.g. ``replace_batchnorm(mlp(norm="batch"), lambda C: BatchRenorm(C))``. Returns ``model``.
+    """
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, make(child.num_features))
+    return model

@@ -1,0 +1,204 @@
+"""Look inside a network: what each layer sees and what flows back, through hooks.
+
+API overview
+------------
+``preserved_buffers(model)``
+    Context manager: the running statistics (every buffer) are put back on exit, so a
+    measurement in training mode does not change what the model will do later.
+``activation_inputs(model, x, names=None, batch_stats=True) -> {name: tensor}``
+    The input of every activation module (``act1``, ``act2``, ... in
+    ``bn_course.models``): the pre-activations ``z`` that a sigmoid or ReLU sees, shape
+    ``(N, features)`` or ``(N, C, H, W)``. ``batch_stats=True`` runs the model in
+    training mode (a batch norm layer normalizes with the statistics of ``x``, as it does
+    while training) without changing its running statistics; ``False`` runs it in
+    evaluation mode.
+``percentiles(z, q=(15, 50, 85), dim=None) -> tensor``
+    The q-th percentiles of ``z`` (over all of it, or along ``dim``; e.g. ``dim=0`` of an
+    ``(N, units)`` tensor gives one set of percentiles per unit, shape ``(len(q), units)``).
+``saturation_fraction(z, activation) -> float``
+    The fraction of pre-activations where the activation's derivative is (nearly) zero:
+    ``sigmoid``/``tanh`` output within 1% of its bounds (|z| > 4.6 for a sigmoid), or
+    ``relu`` input <= 0.
+``layer_norms(model, x, y, q=(15, 50, 85)) -> list of dict``
+    One row per weight layer (``linear1``, ..., ``out``; ``conv1``, ...) from one
+    forward and backward pass in training mode (parameters' ``.grad`` and running
+    statistics untouched): the root-mean-square of the layer's input (the activations
+    it receives) and of the loss gradient with respect to that input, their
+    percentiles, and the norm of the gradient of the layer's weight. The loss is the
+    *summed* cross-entropy, so gradients are per example and do not shrink with N.
+``PercentileTracker(model, x_probe, name="act3", q=(15, 50, 85), every=10)``
+    A ``train(..., callback=...)`` callback: every ``every`` steps it records the
+    percentiles of each unit's input to activation ``name`` on a fixed probe batch
+    (``.steps``, ``.values`` of shape ``(records, len(q), units)``, ``.saturation``).
+"""
+
+import contextlib
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATION_TYPES = (nn.ReLU, nn.Sigmoid, nn.Tanh)
+WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def named_activations(model):
+    """name -> module for every activation module (ReLU, Sigmoid, Tanh) of ``model``, in order."""
+    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES))
+
+
+def named_weight_layers(model):
+    """name -> module for every Linear/Conv layer of ``model``, in order."""
+    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES))
+
+
+def _select(modules, names, what):
+    if names is None:
+        return modules
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"no {what} named {missing} in the model; it has {list(modules)}.")
+    return OrderedDict((n, modules[n]) for n in names)
+
+
+@contextlib.contextmanager
+def preserved_buffers(model):
+    """Put every buffer (running_mean, running_var, num_batches_tracked) back on exit."""
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+
+
+@contextlib.contextmanager
+def _mode(model, training):
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def activation_inputs(model, x, names=None, batch_stats=True):
+    """{activation name: its input z} for one forward pass of ``x``; see the module docstring."""
+    modules = _select(named_activations(model), names, "activation")
+    captured = OrderedDict()
+    hooks = [m.register_forward_pre_hook(lambda _m, inputs, n=n: captured.__setitem__(n, inputs[0].detach()))
+             for n, m in modules.items()]
+    try:
+        with preserved_buffers(model), _mode(model, batch_stats):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def percentiles(z, q=(15, 50, 85), dim=None):
+    """The q-th percentiles (0..100) of ``z``: a tensor of shape (len(q),) or (len(q), ...) along ``dim``."""
+    qs = torch.tensor([float(v) / 100 for v in q], dtype=torch.float32, device=z.device)
+    if not ((qs >= 0) & (qs <= 1)).all():
+        raise ValueError(f"percentiles must lie between 0 and 100, got {tuple(q)}.")
+    z = z.detach().float()
+    return torch.quantile(z.flatten(), qs) if dim is None else torch.quantile(z, qs, dim=dim)
+
+
+SATURATION_Z = {"sigmoid": 4.59511985013459, "tanh": 2.646652412362246}  # sigmoid(z)=0.99, tanh(z)=0.99
+
+
+def saturation_fraction(z, activation):
+    """Fraction of pre-activations ``z`` where ``activation`` passes (almost) no gradient.
+
+    sigmoid: output below 0.01 or above 0.99 (|z| > 4.595); tanh: |output| > 0.99
+    (|z| > 2.647); relu: z <= 0 (derivative exactly 0).
+    """
+    z = z.detach()
+    if activation in SATURATION_Z:
+        return float((z.abs() > SATURATION_Z[activation]).float().mean())
+    if activation == "relu":
+        return float((z <= 0).float().mean())
+    raise ValueError(f"activation must be 'sigmoid', 'tanh' or 'relu', got {activation!r}.")
+
+
+def _rms(t):
+    return float(t.detach().float().pow(2).mean().sqrt())
+
+
+def layer_norms(model, x, y, q=(15, 50, 85)):
+    """Per weight layer: size of its input and of the loss gradient there; see the module docstring."""
+    modules = named_weight_layers(model)
+    inputs = OrderedDict()
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.__setitem__(n, args[0]))
+             for n, m in modules.items()]
+    try:
+        with preserved_buffers(model), _mode(model, True), torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            names = list(inputs)
+            weights = [modules[n].weight for n in names]
+            grads = torch.autograd.grad(loss, [inputs[n] for n in names] + weights)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for i, name in enumerate(names):
+        h, g_h, g_w = inputs[name], grads[i], grads[len(names) + i]
+        rows.append({
+            "layer": i + 1,
+            "name": name,
+            "activation_rms": _rms(h),
+            "gradient_rms": _rms(g_h),
+            "weight_grad_norm": float(g_w.norm()),
+            "activation_percentiles": percentiles(h, q).tolist(),
+            "gradient_percentiles": percentiles(g_h, q).tolist(),
+        })
+    return rows
+
+
+class PercentileTracker:
+    """Callback for ``bn_course.train.train``: percentiles of one activation's input over training.
+
+    model:   the model being trained
+    x_probe: a fixed batch (N, ...) the percentiles are measured on (e.g. the test set)
+    name:    which activation module's input to record ("act3" = last hidden layer of the
+             default MLP)
+    q:       the percentiles, 0..100
+    every:   record every this many steps (and once at construction, step 0)
+    activation: for the saturation fraction ("sigmoid", "tanh" or "relu"); None to skip
+
+    After training: ``steps`` (list), ``values`` (tensor (records, len(q), units)),
+    ``saturation`` (list of floats, if ``activation`` is given).
+    """
+
+    def __init__(self, model, x_probe, name="act3", q=(15, 50, 85), every=10, activation=None):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}.")
+        self.model, self.x_probe, self.name, self.q = model, x_probe, name, tuple(q)
+        self.every, self.activation = every, activation
+        _select(named_activations(model), [name], "activation")
+        self.steps, self._values, self.saturation = [], [], []
+        self.record(0)
+
+    def record(self, step):
+        z = activation_inputs(self.model, self.x_probe, names=[self.name])[self.name]
+        z = z.reshape(z.shape[0], -1) if z.dim() == 2 else z.transpose(0, 1).reshape(z.shape[1], -1).T
+        self.steps.append(step)
+        self._values.append(percentiles(z, self.q, dim=0).cpu())
+        if self.activation is not None:
+            self.saturation.append(saturation_fraction(z, self.activation))
+
+    @property
+    def values(self):
+        """(records, len(q), units): percentile ``k`` of unit ``j`` at record ``r``."""
+        return torch.stack(self._values)
+
+    def __call__(self, step, **_):
+        if step % self.every == 0:
+            self.record(step)
+        return False

@@ -1,0 +1,457 @@
+"""The exercise checkers: pass a correct answer, flag the stub, name each known mistake, never raise."""
+
+import numpy as np
+import pytest
+import torch
+
+from bn_course import checks, numpy_bn, torch_bn
+
+
+def axes_of(x):
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def pc(v, ndim):
+    return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
+
+
+def run(checker, fn, capsys):
+    """Run a checker; it must return a bool and never raise. Returns (result, printed text)."""
+    result = checker(fn)
+    assert isinstance(result, bool)
+    return result, capsys.readouterr().out
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+def returns_none(*args):
+    return None
+
+
+def boom(*args):
+    raise ZeroDivisionError("learner bug")
+
+
+# ---------------------------------------------------------------------------------- forward
+
+def forward_good(x, gamma, beta, eps):
+    return numpy_bn.batchnorm_forward(x, gamma, beta, eps)[0]
+
+
+def forward_variant(ddof=0, eps_mode="inside", axes=None, swap=False, affine=True):
+    def fn(x, gamma, beta, eps):
+        ax = axes_of(x) if axes is None else axes(x)
+        mu = x.mean(axis=ax, keepdims=True)
+        var = x.var(axis=ax, keepdims=True, ddof=ddof)
+        if eps_mode == "inside":
+            x_hat = (x - mu) / np.sqrt(var + eps)
+        elif eps_mode == "outside":
+            x_hat = (x - mu) / (np.sqrt(var) + eps)
+        else:
+            x_hat = (x - mu) / np.sqrt(var)
+        if not affine:
+            return x_hat
+        g, b = (beta, gamma) if swap else (gamma, beta)
+        return pc(g, x.ndim) * x_hat + pc(b, x.ndim)
+    return fn
+
+
+FORWARD_MISTAKES = {
+    "unbiased variance": forward_variant(ddof=1),
+    "epsilon outside the square root": forward_variant(eps_mode="outside"),
+    "epsilon ignored": forward_variant(eps_mode="none"),
+    "gamma and beta swapped": forward_variant(swap=True),
+    "gamma and beta not applied": forward_variant(affine=False),
+    "per sample, across the channels": forward_variant(axes=lambda x: (1,)),
+    "channels included": forward_variant(axes=lambda x: tuple(range(x.ndim))),
+    "over the batch axis only": forward_variant(axes=lambda x: (0,)),
+    "instance norm": forward_variant(axes=lambda x: tuple(range(2, x.ndim)) or (0,)),
+}
+
+
+def test_forward_accepts_correct(capsys):
+    ok, out = run(checks.check_batchnorm_forward, forward_good, capsys)
+    assert ok and "Correct" in out
+
+
+@pytest.mark.parametrize("fn", [stub, returns_none], ids=["raises", "returns None"])
+def test_forward_stub_is_not_attempted(fn, capsys):
+    ok, out = run(checks.check_batchnorm_forward, fn, capsys)
+    assert not ok and "Not attempted yet" in out
+
+
+@pytest.mark.parametrize("name", FORWARD_MISTAKES)
+def test_forward_names_each_mistake(name, capsys):
+    ok, out = run(checks.check_batchnorm_forward, FORWARD_MISTAKES[name], capsys)
+    assert not ok
+    assert name in out, out
+    if "channels" in name or "batch axis" in name or "instance" in name:
+        assert "statistics over the wrong axes" in out
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (boom, "ZeroDivisionError: learner bug"),
+    (lambda x, g, b, eps: np.zeros(3), "has shape (3,), expected (6, 3)"),
+    (lambda x, g, b, eps: np.full(x.shape, np.nan), "NaN"),
+    (lambda x, g, b, eps: "hello", "array of floats"),
+    (lambda x, g, b, eps: (forward_good(x, g, b, eps), {}), "tuple"),
+    (lambda x, g, b, eps: forward_good(x, g, b, eps).astype(np.float64), "float32 input gave a float64"),
+    (lambda x, g, b, eps: forward_good(x, g, b, eps) + 1e-3, "largest absolute difference"),
+    (lambda x: x, "TypeError"),
+    (42, "expected a function"),
+])
+def test_forward_never_raises_on_broken_answers(fn, needle, capsys):
+    ok, out = run(checks.check_batchnorm_forward, fn, capsys)
+    assert not ok and needle in out, out
+
+
+def test_forward_2d_only_code_gets_the_spatial_hint(capsys):
+    def only_2d(x, gamma, beta, eps):
+        mu, var = x.mean(axis=0), x.var(axis=0)
+        return gamma * (x - mu) / np.sqrt(var + eps) + beta
+    ok, out = run(checks.check_batchnorm_forward, only_2d, capsys)
+    assert not ok and "(N, C) input but not an (N, C, H, W)" in out
+
+
+def test_forward_flags_in_place_change(capsys):
+    def in_place(x, gamma, beta, eps):
+        out = forward_good(x, gamma, beta, eps)
+        x -= x.mean(axis=axes_of(x), keepdims=True)
+        return out
+    ok, out = run(checks.check_batchnorm_forward, in_place, capsys)
+    assert not ok and "in place" in out
+
+
+# --------------------------------------------------------------------------------- backward
+
+def backward_good(dout, x, gamma, eps):
+    _, cache = numpy_bn.batchnorm_forward(x, gamma, np.zeros_like(gamma), eps)
+    return numpy_bn.batchnorm_backward(dout, cache)
+
+
+def backward_variant(through_mu=True, through_var=True, times_m=False, sums=False, swap=False,
+                     from_x=False, use_gamma=True, ddof=0, use_eps=True):
+    def fn(dout, x, gamma, eps):
+        ax = axes_of(x)
+        m = x.size // x.shape[1]
+        mu = x.mean(axis=ax, keepdims=True)
+        var = x.var(axis=ax, keepdims=True, ddof=ddof)
+        inv_std = 1 / np.sqrt(var + (eps if use_eps else 0.0))
+        x_hat = (x - mu) * inv_std
+        red = (lambda a: a.sum(axis=ax, keepdims=True)) if sums else (lambda a: a.mean(axis=ax, keepdims=True))
+        inner = dout
+        if through_mu:
+            inner = inner - red(dout)
+        if through_var:
+            inner = inner - x_hat * red(dout * x_hat)
+        dx = (pc(gamma, x.ndim) if use_gamma else 1) * inv_std * inner * (m if times_m else 1)
+        dbeta = dout.sum(axis=ax)
+        dgamma = (dout * (x if from_x else x_hat)).sum(axis=ax)
+        return (dx, dbeta, dgamma) if swap else (dx, dgamma, dbeta)
+    return fn
+
+
+BACKWARD_MISTAKES = {
+    "no gradient through the mean and the variance": backward_variant(through_mu=False, through_var=False),
+    "no gradient through the variance": backward_variant(through_var=False),
+    "no gradient through the mean": backward_variant(through_mu=False),
+    "missing 1/m": backward_variant(times_m=True),
+    "sums where means belong": backward_variant(sums=True),
+    "dgamma and dbeta swapped": backward_variant(swap=True),
+    "dgamma computed from x instead of x_hat": backward_variant(from_x=True),
+    "gamma missing from dx": backward_variant(use_gamma=False),
+    "unbiased variance": backward_variant(ddof=1),
+    "epsilon ignored": backward_variant(use_eps=False),
+}
+
+
+def test_backward_accepts_correct_and_staged(capsys):
+    ok, out = run(checks.check_batchnorm_backward, backward_good, capsys)
+    assert ok and "Correct" in out
+
+    def staged(dout, x, gamma, eps):
+        _, cache = numpy_bn.batchnorm_forward(x, gamma, np.zeros_like(gamma), eps)
+        return numpy_bn.batchnorm_backward_staged(dout, cache)
+    assert run(checks.check_batchnorm_backward, staged, capsys)[0]
+
+
+@pytest.mark.parametrize("fn", [stub, returns_none], ids=["raises", "returns None"])
+def test_backward_stub_is_not_attempted(fn, capsys):
+    ok, out = run(checks.check_batchnorm_backward, fn, capsys)
+    assert not ok and "Not attempted yet" in out
+
+
+@pytest.mark.parametrize("name", BACKWARD_MISTAKES)
+def test_backward_names_each_mistake(name, capsys):
+    ok, out = run(checks.check_batchnorm_backward, BACKWARD_MISTAKES[name], capsys)
+    assert not ok
+    assert f": {name}:" in out, out
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (boom, "ZeroDivisionError"),
+    (lambda dout, x, g, eps: backward_good(dout, x, g, eps)[0], "should return three arrays"),
+    (lambda dout, x, g, eps: backward_good(dout, x, g, eps)[:2], "of 2 items"),
+    (lambda dout, x, g, eps: (dout, np.zeros((1, x.shape[1])), np.zeros(x.shape[1])), "keepdims"),
+    (lambda dout, x, g, eps: (dout, dout.sum(axis=1), dout.sum(axis=1)), "sum or average over every axis"),
+    (lambda dout, x, g, eps: (dout * np.nan, g, g), "NaN"),
+])
+def test_backward_never_raises_on_broken_answers(fn, needle, capsys):
+    ok, out = run(checks.check_batchnorm_backward, fn, capsys)
+    assert not ok and needle in out, out
+
+
+def test_backward_partial_mistake_names_the_component(capsys):
+    def dbeta_is_dgamma(dout, x, gamma, eps):
+        dx, dgamma, _ = backward_good(dout, x, gamma, eps)
+        return dx, dgamma, dgamma
+    ok, out = run(checks.check_batchnorm_backward, dbeta_is_dgamma, capsys)
+    assert not ok and "dbeta: dgamma and dbeta swapped" in out, out
+
+
+# ---------------------------------------------------------------------------- running stats
+
+def running_variant(ddof=1, reverse=False, std=False, var_from_mean=False, keep_old=True,
+                    update=True, order=False, fixed_momentum=None):
+    def fn(running_mean, running_var, x, momentum):
+        momentum = fixed_momentum if fixed_momentum is not None else momentum
+        ax = axes_of(x)
+        mu, var = x.mean(axis=ax), x.var(axis=ax, ddof=ddof)
+        if std:
+            var = np.sqrt(var)
+        if var_from_mean:
+            var = mu
+        if not update:
+            return running_mean, running_var
+        if not keep_old:
+            return mu, var
+        w = (1 - momentum) if reverse else momentum
+        new = ((1 - w) * running_mean + w * mu, (1 - w) * running_var + w * var)
+        return new[::-1] if order else new
+    return fn
+
+
+RUNNING_MISTAKES = {
+    "momentum convention reversed": running_variant(reverse=True),
+    "biased variance": running_variant(ddof=0),
+    "standard deviation instead of variance": running_variant(std=True),
+    "running variance updated with the mean": running_variant(var_from_mean=True),
+    "old value ignored": running_variant(keep_old=False),
+    "running statistics not updated": running_variant(update=False),
+    "mean and variance returned in the wrong order": running_variant(order=True),
+    "momentum ignored": running_variant(fixed_momentum=0.1),
+}
+
+
+def test_running_accepts_correct(capsys):
+    ok, out = run(checks.check_running_stats_update, numpy_bn.update_running_stats, capsys)
+    assert ok and "Correct" in out
+
+
+def test_running_accepts_an_in_place_update(capsys):
+    def in_place(running_mean, running_var, x, momentum):
+        ax = axes_of(x)
+        running_mean *= 1 - momentum
+        running_mean += momentum * x.mean(axis=ax)
+        running_var *= 1 - momentum
+        running_var += momentum * x.var(axis=ax, ddof=1)
+        return running_mean, running_var
+    assert run(checks.check_running_stats_update, in_place, capsys)[0]
+
+
+@pytest.mark.parametrize("fn", [stub, returns_none], ids=["raises", "returns None"])
+def test_running_stub_is_not_attempted(fn, capsys):
+    ok, out = run(checks.check_running_stats_update, fn, capsys)
+    assert not ok and "Not attempted yet" in out
+
+
+@pytest.mark.parametrize("name", RUNNING_MISTAKES)
+def test_running_names_each_mistake(name, capsys):
+    ok, out = run(checks.check_running_stats_update, RUNNING_MISTAKES[name], capsys)
+    assert not ok
+    assert f": {name}:" in out, out
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (boom, "ZeroDivisionError"),
+    (lambda rm, rv, x, mom: rm, "should return two arrays"),
+    (lambda rm, rv, x, mom: (x.mean(axis=1), x.var(axis=1)), "has shape"),
+    (lambda rm, rv, x, mom: (rm * np.inf, rv), "NaN or inf"),
+])
+def test_running_never_raises_on_broken_answers(fn, needle, capsys):
+    ok, out = run(checks.check_running_stats_update, fn, capsys)
+    assert not ok and needle in out, out
+
+
+# ------------------------------------------------------------------------ autograd.Function
+
+def make_function(forward_fn=None, backward_fn=None, n_grads=4):
+    """An autograd.Function whose forward/backward are NumPy functions of the exercise signatures."""
+
+    class Learner(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, eps):
+            ctx.save_for_backward(x, gamma)
+            ctx.eps = eps
+            fwd = forward_fn or forward_good
+            out = fwd(x.detach().numpy(), gamma.detach().numpy(), beta.detach().numpy(), eps)
+            return torch.from_numpy(np.ascontiguousarray(out))
+
+        @staticmethod
+        def backward(ctx, dout):
+            x, gamma = ctx.saved_tensors
+            bwd = backward_fn or backward_good
+            grads = bwd(dout.numpy(), x.detach().numpy(), gamma.detach().numpy(), ctx.eps)
+            grads = tuple(torch.from_numpy(np.ascontiguousarray(g)) for g in grads) + (None,)
+            return grads[:n_grads]
+
+    return Learner
+
+
+def test_function_accepts_correct(capsys):
+    ok, out = run(checks.check_batchnorm_function, torch_bn.BatchNormFunction, capsys)
+    assert ok and "Correct" in out
+    assert run(checks.check_batchnorm_function, make_function(), capsys)[0]
+
+
+def test_function_stub_is_not_attempted(capsys):
+    class Stub(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, eps):
+            raise NotImplementedError
+
+        @staticmethod
+        def backward(ctx, dout):
+            raise NotImplementedError
+
+    class NoMethods(torch.autograd.Function):
+        pass
+
+    for cls in (Stub, NoMethods):
+        ok, out = run(checks.check_batchnorm_function, cls, capsys)
+        assert not ok and "Not attempted yet: forward" in out, out
+
+
+def test_function_backward_stub_is_not_attempted(capsys):
+    class ForwardOnly(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, eps):
+            return torch_bn.BatchNormFunction.forward(ctx, x, gamma, beta, eps)
+
+        @staticmethod
+        def backward(ctx, dout):
+            raise NotImplementedError
+
+    ok, out = run(checks.check_batchnorm_function, ForwardOnly, capsys)
+    assert not ok and "Not attempted yet: backward (forward is correct)" in out
+
+
+@pytest.mark.parametrize("name", ["unbiased variance", "epsilon outside the square root",
+                                  "gamma and beta swapped", "per sample, across the channels"])
+def test_function_names_forward_mistakes(name, capsys):
+    ok, out = run(checks.check_batchnorm_function, make_function(forward_fn=FORWARD_MISTAKES[name]), capsys)
+    assert not ok and name in out and out.startswith("Not quite. forward"), out
+
+
+@pytest.mark.parametrize("name", ["no gradient through the mean", "no gradient through the mean and the variance",
+                                  "missing 1/m", "dgamma and dbeta swapped"])
+def test_function_names_backward_mistakes(name, capsys):
+    ok, out = run(checks.check_batchnorm_function, make_function(backward_fn=BACKWARD_MISTAKES[name]), capsys)
+    assert not ok and f": {name}:" in out and "backward" in out, out
+
+
+def test_function_wrong_number_of_grads(capsys):
+    ok, out = run(checks.check_batchnorm_function, make_function(n_grads=3), capsys)
+    assert not ok and "wrong number of gradients" in out and "(dx, dgamma, dbeta, None)" in out, out
+
+
+def test_function_grad_of_wrong_shape(capsys):
+    def keepdims_grads(dout, x, gamma, eps):
+        dx, dgamma, dbeta = backward_good(dout, x, gamma, eps)
+        return dx, pc(dgamma, x.ndim), pc(dbeta, x.ndim)
+    ok, out = run(checks.check_batchnorm_function, make_function(backward_fn=keepdims_grads), capsys)
+    assert not ok and "gradient of the wrong shape" in out, out
+
+
+def test_function_none_gradient(capsys):
+    def no_dx(dout, x, gamma, eps):
+        return (None,) + tuple(backward_good(dout, x, gamma, eps)[1:])
+
+    class NoDx(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, eps):
+            ctx.save_for_backward(x, gamma)
+            ctx.eps = eps
+            return torch.from_numpy(forward_good(x.numpy(), gamma.numpy(), beta.numpy(), eps))
+
+        @staticmethod
+        def backward(ctx, dout):
+            x, gamma = ctx.saved_tensors
+            _, dgamma, dbeta = backward_good(dout.numpy(), x.numpy(), gamma.numpy(), ctx.eps)
+            return None, torch.from_numpy(dgamma), torch.from_numpy(dbeta), None
+
+    ok, out = run(checks.check_batchnorm_function, NoDx, capsys)
+    assert not ok and "returned None for dx" in out
+
+
+@pytest.mark.parametrize("cls, needle", [
+    (torch.nn.BatchNorm1d, "subclass of torch.autograd.Function"),
+    (torch_bn.BatchNormFunction.apply, "subclass of torch.autograd.Function"),
+    (None, "subclass of torch.autograd.Function"),
+])
+def test_function_rejects_non_functions(cls, needle, capsys):
+    ok, out = run(checks.check_batchnorm_function, cls, capsys)
+    assert not ok and needle in out
+
+
+def test_function_forward_raising_or_returning_junk(capsys):
+    class Raises(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, eps):
+            return x.mean(dim=(0, 2, 3)) * gamma  # fine in 4D, wrong shape; raises on 2D
+
+        @staticmethod
+        def backward(ctx, dout):
+            return dout, None, None, None
+
+    class Tuple(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, gamma, beta, eps):
+            return torch_bn.BatchNormFunction.forward(ctx, x, gamma, beta, eps), x.mean()
+
+        @staticmethod
+        def backward(ctx, dout, dmean):
+            return dout, None, None, None
+
+    for cls in (Raises, Tuple):
+        ok, out = run(checks.check_batchnorm_function, cls, capsys)
+        assert not ok and out.startswith("Not quite."), out
+
+
+# ---------------------------------------------------------------------------- never raises
+
+class Hostile:
+    """A return value that breaks whatever touches it."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("no array for you")
+
+    def __len__(self):
+        raise RuntimeError("no len for you")
+
+
+@pytest.mark.parametrize("checker", [checks.check_batchnorm_forward, checks.check_batchnorm_backward,
+                                     checks.check_running_stats_update])
+def test_hostile_return_values_do_not_escape(checker, capsys):
+    ok, out = run(checker, lambda *args: Hostile(), capsys)
+    assert not ok and out.startswith("Not quite."), out
+    ok, out = run(checker, lambda *args: (Hostile(), Hostile(), Hostile()), capsys)
+    assert not ok and out.startswith("Not quite."), out
+
+
+def test_last_line_of_defence(capsys):
+    broken_checker = checks._never_raises(lambda fn: 1 / 0)
+    assert broken_checker(None) is False
+    assert "ZeroDivisionError" in capsys.readouterr().out

@@ -1,0 +1,77 @@
+"""bn_course.data: the digits split is deterministic, standardized with training statistics only."""
+
+import pytest
+import torch
+
+from bn_course.data import as_images, batches, load_digits_split
+
+
+def test_shapes_and_dtypes():
+    d = load_digits_split()
+    assert d.x_train.shape == (1347, 64) and d.x_test.shape == (450, 64)
+    assert d.x_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    assert set(d.y_train.tolist()) == set(range(10)) == set(d.y_test.tolist())
+
+
+def test_standardized_with_training_statistics():
+    d = load_digits_split()
+    varying = d.std != 1  # constant pixels are only centred
+    assert torch.allclose(d.x_train.mean(0), torch.zeros(64), atol=1e-5)
+    assert torch.allclose(d.x_train[:, varying].std(0, unbiased=False), torch.ones(int(varying.sum())), atol=1e-4)
+    assert d.x_test.mean(0).abs().max() > 1e-3  # the test set was not standardized with its own mean
+
+
+def test_deterministic_and_seed_dependent():
+    a, b, c = load_digits_split(seed=3), load_digits_split(seed=3), load_digits_split(seed=4)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, c.x_train)
+
+
+def test_n_train_subset_is_stratified():
+    d = load_digits_split(n_train=200)
+    assert d.x_train.shape == (200, 64) and d.x_test.shape == (450, 64)
+    assert torch.bincount(d.y_train, minlength=10).min() >= 18
+
+
+def test_as_images():
+    d = load_digits_split()
+    img = as_images(d.x_test)
+    assert img.shape == (450, 1, 8, 8)
+    assert torch.equal(img[5, 0, 2], d.x_test[5, 16:24])
+
+
+def test_batches_are_seeded_and_full():
+    d = load_digits_split()
+    s1, s2, s3 = (batches(d.x_train, d.y_train, 60, seed=s) for s in (0, 0, 1))
+    for _ in range(30):  # more than one epoch
+        (x1, y1), (x2, y2), (x3, _) = next(s1), next(s2), next(s3)
+        assert x1.shape == (60, 64) and torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+
+
+def test_one_epoch_visits_each_example_once():
+    d = load_digits_split(n_train=100)
+    stream = batches(d.x_train, torch.arange(100), 10, seed=0)
+    seen = torch.cat([next(stream)[1] for _ in range(10)])
+    assert sorted(seen.tolist()) == list(range(100))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"test_fraction": 1.5}, "test_fraction"),
+    ({"n_train": 5}, "n_train"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_digits_split(**kwargs)
+
+
+def test_bad_batch_and_image_input():
+    d = load_digits_split()
+    with pytest.raises(ValueError, match="batch_size"):
+        next(batches(d.x_train, d.y_train, 0))
+    with pytest.raises(ValueError, match="same number of rows"):
+        next(batches(d.x_train, d.y_test, 10))
+    with pytest.raises(ValueError, match=r"\(N, 64\)"):
+        as_images(torch.zeros(3, 10))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        as_images([1, 2])

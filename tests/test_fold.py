@@ -1,0 +1,158 @@
+"""bn_course.fold: folding eval-mode batch norm into the conv or linear layer before it."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bn_course.fold import (benchmark_folding, count_batchnorms, fold_batchnorm, fold_sequential,
+                            format_table, small_cnn)
+from bn_course.torch_bn import BatchNorm
+
+
+def trained_like_bn(bn_cls, C, seed, dtype=torch.float32, affine=True):
+    """A batch norm with non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    bn = bn_cls(C, affine=affine).to(dtype)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(C, generator=g, dtype=dtype))
+        bn.running_var.copy_(torch.rand(C, generator=g, dtype=dtype) * 3 + 0.05)
+        if affine:
+            bn.weight.copy_(torch.randn(C, generator=g, dtype=dtype))
+            bn.bias.copy_(torch.randn(C, generator=g, dtype=dtype))
+    return bn.eval()
+
+
+def state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+LAYERS = [
+    ("linear", lambda b: nn.Linear(12, 6, bias=b), (5, 12), nn.BatchNorm1d),
+    ("conv1d", lambda b: nn.Conv1d(4, 6, 3, bias=b), (3, 4, 10), nn.BatchNorm1d),
+    ("conv2d", lambda b: nn.Conv2d(4, 6, 3, padding=1, bias=b), (3, 4, 7, 7), nn.BatchNorm2d),
+    ("conv2d_strided", lambda b: nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=b), (3, 4, 9, 9), nn.BatchNorm2d),
+    ("conv2d_grouped", lambda b: nn.Conv2d(4, 6, 3, groups=2, bias=b), (3, 4, 6, 6), nn.BatchNorm2d),
+    ("conv2d_depthwise", lambda b: nn.Conv2d(6, 6, 3, groups=6, dilation=2, padding=2, bias=b),
+     (2, 6, 8, 8), nn.BatchNorm2d),
+    ("conv2d_reflect", lambda b: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect", bias=b),
+     (2, 4, 5, 5), nn.BatchNorm2d),
+    ("conv3d", lambda b: nn.Conv3d(4, 6, 3, stride=(1, 2, 1), bias=b), (2, 4, 5, 6, 5), nn.BatchNorm3d),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("name,make,shape,bn_cls", LAYERS, ids=[row[0] for row in LAYERS])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_folded_equals_layer_then_bn_in_eval(name, make, shape, bn_cls, bias, seed):
+    torch.manual_seed(seed)
+    layer = make(bias).eval()
+    bn = trained_like_bn(bn_cls, 6, seed)
+    before_layer, before_bn = state(layer), state(bn)
+    folded = fold_batchnorm(layer, bn)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = bn(layer(x))
+        got = folded(x)
+    assert type(folded) is type(layer)
+    assert folded is not layer and not folded.training
+    assert folded.bias is not None
+    # float32 rounding: a few ulps of the output's magnitude
+    tol = 8 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() <= tol
+    # the originals are untouched (values and biasless-ness)
+    for k, v in state(layer).items():
+        assert torch.equal(v, before_layer[k])
+    for k, v in state(bn).items():
+        assert torch.equal(v, before_bn[k])
+    assert (layer.bias is None) == (not bias)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float64_is_exact_to_float64_rounding_and_matches_torch_fusion(seed):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 5, 3, groups=1, stride=2).double().eval()
+    bn = trained_like_bn(nn.BatchNorm2d, 5, seed, dtype=torch.float64)
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    folded = fold_batchnorm(conv, bn)
+    assert folded.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.allclose(folded(x), bn(conv(x)), rtol=0, atol=1e-12)
+        reference = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        assert torch.allclose(folded(x), reference(x), rtol=0, atol=1e-12)
+
+
+def test_affine_false_and_course_batchnorm():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).eval()
+    for bn in (trained_like_bn(nn.BatchNorm2d, 4, 0, affine=False), trained_like_bn(BatchNorm, 4, 1)):
+        x = torch.randn(2, 3, 6, 6)
+        with torch.no_grad():
+            assert torch.allclose(fold_batchnorm(conv, bn)(x), bn(conv(x)), atol=1e-5)
+
+
+def test_folded_layer_is_a_trainable_independent_copy():
+    conv, bn = nn.Linear(3, 4), trained_like_bn(nn.BatchNorm1d, 4, 0)
+    folded = fold_batchnorm(conv, bn)
+    assert folded.weight.requires_grad and folded.bias.requires_grad
+    with torch.no_grad():
+        folded.weight.zero_()
+    assert conv.weight.abs().sum() > 0
+
+
+def test_bn_in_training_mode_with_running_stats_still_folds_its_eval_transform():
+    conv, bn = nn.Conv1d(2, 3, 1), trained_like_bn(nn.BatchNorm1d, 3, 0).train()
+    folded = fold_batchnorm(conv, bn)
+    bn.eval()
+    x = torch.randn(4, 2, 5)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), bn(conv(x)), atol=1e-5)
+
+
+def test_errors_are_clear():
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="no running statistics"):
+        fold_batchnorm(conv, nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="no running statistics"):
+        fold_batchnorm(conv, BatchNorm(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="channel mismatch.*4 output channels.*num_features=5"):
+        fold_batchnorm(conv, nn.BatchNorm2d(5))
+    with pytest.raises(TypeError, match="ConvTranspose2d"):
+        fold_batchnorm(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(TypeError, match="LayerNorm"):
+        fold_batchnorm(nn.Linear(3, 4), nn.LayerNorm(4))
+    with pytest.raises(TypeError, match="lazy"):
+        fold_batchnorm(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4))
+
+
+def test_fold_sequential_folds_every_pair_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = small_cnn()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    folded = fold_sequential(model)
+    assert count_batchnorms(model) == 3 and count_batchnorms(folded) == 0
+    x = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_fold_sequential_skips_bn_without_running_stats():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    assert count_batchnorms(fold_sequential(model)) == 1
+
+
+def test_benchmark_runs_and_reports_tiny_error():
+    rows = benchmark_folding(batch_sizes=(2, 16), repeats=5, seed=1)
+    assert [r["batch_size"] for r in rows] == [2, 16]
+    for r in rows:
+        assert r["unfolded_ms"] > 0 and r["folded_ms"] > 0
+        assert r["max_abs_error"] < 1e-4
+    assert "speed-up" in format_table(rows)

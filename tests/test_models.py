@@ -1,0 +1,78 @@
+"""bn_course.models: shapes, layer order, no bias before batch norm, init scale, clear errors."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bn_course.models import cnn, count_parameters, mlp
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "group"])
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_mlp_shapes(norm, position):
+    model = mlp(hidden=(20, 12, 8), norm=norm, norm_position=position)
+    assert model(torch.randn(5, 64)).shape == (5, 10)
+
+
+def test_mlp_layer_order_and_names():
+    model = mlp(hidden=(8, 8), activation="sigmoid", norm="batch")
+    assert list(dict(model.named_children())) == ["linear1", "norm1", "act1", "linear2", "norm2", "act2", "out"]
+    assert isinstance(model.norm1, nn.BatchNorm1d) and isinstance(model.act1, nn.Sigmoid)
+    after = mlp(hidden=(8,), norm="batch", norm_position="after")
+    assert list(dict(after.named_children())) == ["linear1", "act1", "norm1", "out"]
+    assert list(dict(mlp(hidden=(8,)).named_children())) == ["linear1", "act1", "out"]
+
+
+def test_no_bias_in_layers_that_feed_a_norm():
+    for norm in ("batch", "layer", "group"):
+        model = mlp(norm=norm)
+        assert all(getattr(model, f"linear{i}").bias is None for i in (1, 2, 3))
+        assert model.out.bias is not None
+    assert all(getattr(mlp(), f"linear{i}").bias is not None for i in (1, 2, 3))
+    assert mlp(norm="batch", norm_position="after").linear1.bias is not None
+    assert cnn(norm="batch").conv1.bias is None and cnn().conv1.bias is not None
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "group"])
+def test_cnn_accepts_flat_rows_and_images(norm):
+    model = cnn(norm=norm)
+    x = torch.randn(6, 64)
+    assert torch.allclose(model(x), model(x.reshape(6, 1, 8, 8)))
+    assert model(x).shape == (6, 10)
+    if norm == "batch":
+        assert isinstance(model.norm1, nn.BatchNorm2d)
+
+
+def test_init_scale_sets_the_weight_std():
+    torch.manual_seed(0)
+    model = mlp(hidden=(400, 400), init_scale=2.0)
+    for layer in (model.linear1, model.linear2):
+        expected = 2.0 / math.sqrt(layer.in_features)
+        assert abs(float(layer.weight.detach().std()) / expected - 1) < 0.02
+        assert float(layer.bias.abs().max()) == 0.0
+
+
+def test_count_parameters():
+    assert count_parameters(mlp(hidden=(10,), norm="batch")) == 64 * 10 + 2 * 10 + 10 * 10 + 10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"norm": "batchnorm"}, "norm must be one of"),
+    ({"activation": "gelu"}, "activation must be one of"),
+    ({"norm_position": "middle"}, "norm_position"),
+    ({"init_scale": -1}, "init_scale"),
+    ({"hidden": (10, 0)}, "positive integers"),
+    ({"norm": "group", "hidden": (10,), "groups": 4}, "divide"),
+])
+def test_mlp_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mlp(**kwargs)
+
+
+def test_cnn_bad_input():
+    with pytest.raises(ValueError, match="divisible"):
+        cnn(channels=(4, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"\(N, 64\)"):
+        cnn()(torch.randn(2, 10))

@@ -1,0 +1,254 @@
+"""bn_course.norms against torch.nn: outputs, gradients, buffers, and clear errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from bn_course.norms import (BatchRenorm, GhostBatchNorm, GroupNorm, InstanceNorm, LayerNorm, group_norm,
+                             instance_norm, layer_norm, standardize)
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def torch_bn(C, rank, **kwargs):
+    """nn.BatchNorm1d/2d/3d, whichever accepts an input of this rank."""
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+    return cls(C, **kwargs)
+
+
+def tol(dtype):
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-11}
+
+
+def randomize_affine(*modules, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        vals = None
+        for m in modules:
+            if m.weight is None:
+                continue
+            if vals is None:
+                vals = (torch.randn(m.weight.shape, generator=g), torch.randn(m.weight.shape, generator=g))
+            m.weight.copy_(vals[0])
+            if m.bias is not None:
+                m.bias.copy_(vals[1])
+
+
+def compare(ours, theirs, x, dtype, seed=0):
+    """Same output and same gradients (input, weight, bias) for a random upstream gradient."""
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    randomize_affine(ours, theirs, seed=seed)
+    x1 = x.to(dtype).clone().requires_grad_(True)
+    x2 = x.to(dtype).clone().requires_grad_(True)
+    out1, out2 = ours(x1), theirs(x2)
+    assert out1.dtype == dtype and out1.shape == out2.shape
+    torch.testing.assert_close(out1, out2, **tol(dtype))
+    dout = torch.randn(out1.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    out1.backward(dout)
+    out2.backward(dout)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol(dtype))
+    for name in ("weight", "bias"):
+        p1, p2 = getattr(ours, name, None), getattr(theirs, name, None)
+        if p2 is not None:
+            torch.testing.assert_close(p1.grad, p2.grad, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,normalized", [((8, 10), (10,)), ((4, 3, 5), (5,)), ((4, 3, 6, 6), (3, 6, 6)),
+                                              ((2, 3, 4, 5), (4, 5))])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layer_norm_matches_torch(dtype, shape, normalized, affine, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(shape) * 3 + 1
+    compare(LayerNorm(normalized, elementwise_affine=affine), nn.LayerNorm(normalized, elementwise_affine=affine),
+            x, dtype, seed)
+
+
+def test_layer_norm_without_bias_and_int_shape():
+    x = torch.randn(4, 7)
+    compare(LayerNorm(7, bias=False), nn.LayerNorm(7, bias=False), x, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", [((8, 12), 3), ((4, 6, 10), 2), ((3, 8, 5, 5), 4), ((2, 8, 3, 3, 3), 8),
+                                          ((2, 8, 4, 4), 1)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_norm_matches_torch(dtype, shape, groups, affine, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(shape) * 2 - 1
+    compare(GroupNorm(groups, shape[1], affine=affine), nn.GroupNorm(groups, shape[1], affine=affine), x, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,torch_cls", [((4, 3, 10), nn.InstanceNorm1d), ((3, 4, 5, 6), nn.InstanceNorm2d),
+                                             ((2, 3, 3, 4, 5), nn.InstanceNorm3d)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_instance_norm_matches_torch(dtype, shape, torch_cls, affine, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(shape) + 2
+    ours, theirs = InstanceNorm(shape[1], affine=affine), torch_cls(shape[1], affine=affine)
+    compare(ours, theirs, x, dtype, seed)
+    compare(ours.eval(), theirs.eval(), x, dtype, seed)  # no running stats: eval is the same
+
+
+def test_the_family_is_one_step_over_different_axes():
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(group_norm(x, 1), layer_norm(x, (6, 5, 5)))
+    torch.testing.assert_close(group_norm(x, 6), instance_norm(x))
+    x_hat, mu, var = standardize(x, [0, 2, 3])
+    torch.testing.assert_close(x_hat, nn.functional.batch_norm(x, None, None, training=True))
+    assert mu.shape == var.shape == (1, 6, 1, 1)
+
+
+def test_layer_and_group_norm_do_not_depend_on_the_rest_of_the_batch():
+    x = torch.randn(5, 8, 3, 3)
+    for f in (lambda t: group_norm(t, 4), lambda t: layer_norm(t, (8, 3, 3)), instance_norm):
+        torch.testing.assert_close(f(x)[:1], f(x[:1]))
+
+
+# --- Batch Renormalization -------------------------------------------------------------------
+
+def with_running_stats(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        module.running_mean.copy_(torch.randn(module.num_features, generator=g))
+        module.running_var.copy_(torch.rand(module.num_features, generator=g) * 2 + 0.2)
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(16, 5), (4, 5, 7), (3, 5, 4, 4)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_renorm_without_correction_is_batch_norm(dtype, shape, seed):
+    """r_max = 1, d_max = 0: r = 1 and d = 0, so outputs, gradients and buffers are batch norm's."""
+    torch.manual_seed(seed)
+    ours = with_running_stats(BatchRenorm(5, r_max=1.0, d_max=0.0), seed).to(dtype)
+    theirs = with_running_stats(torch_bn(5, len(shape)), seed).to(dtype)
+    x = torch.randn(shape) * 2 + 1
+    compare(ours, theirs, x, dtype, seed)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert int(ours.num_batches_tracked) == 1
+    ours.eval(), theirs.eval()
+    compare(ours, theirs, x, dtype, seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_renorm_unclipped_trains_with_the_inference_transform(seed):
+    """With r and d inside their limits, the forward value equals the eval-mode map."""
+    torch.manual_seed(seed)
+    m = with_running_stats(BatchRenorm(5, r_max=1e6, d_max=1e6), seed).double()
+    randomize_affine(m, seed=seed)
+    x = torch.randn(32, 5, dtype=torch.float64) * 1.5 + 0.3
+    mu, var = m.running_mean.clone(), m.running_var.clone()
+    expected = (x - mu) / torch.sqrt(var + m.eps) * m.weight + m.bias
+    torch.testing.assert_close(m(x), expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_batch_renorm_gradient_treats_r_and_d_as_constants(seed):
+    torch.manual_seed(seed)
+    m = with_running_stats(BatchRenorm(4, r_max=1.5, d_max=0.5), seed).double()
+    x = (torch.randn(10, 4, 3, dtype=torch.float64) * 3).requires_grad_(True)
+    mu0, var0 = m.running_mean.clone(), m.running_var.clone()
+    out = m(x)
+    # reference written out by hand, r and d detached and clipped
+    var_B, mu_B = torch.var_mean(x, dim=[0, 2], keepdim=True, correction=0)
+    sigma_B = torch.sqrt(var_B + m.eps)
+    sigma = torch.sqrt(var0.reshape(1, -1, 1) + m.eps)
+    r = (sigma_B / sigma).detach().clamp(1 / 1.5, 1.5)
+    d = ((mu_B - mu0.reshape(1, -1, 1)) / sigma).detach().clamp(-0.5, 0.5)
+    ref = ((x - mu_B) / sigma_B * r + d) * m.weight.reshape(1, -1, 1) + m.bias.reshape(1, -1, 1)
+    torch.testing.assert_close(out, ref)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    gx, = torch.autograd.grad(out, x, dout, retain_graph=True)
+    gx_ref, = torch.autograd.grad(ref, x, dout)
+    torch.testing.assert_close(gx, gx_ref)
+    assert ((r > 1 / 1.5) & (r < 1.5)).any() or (d.abs() == 0.5).any()  # the clip is exercised or r is free
+
+
+def test_batch_renorm_bad_limits():
+    with pytest.raises(ValueError, match="r_max >= 1"):
+        BatchRenorm(3, r_max=0.5)
+
+
+# --- Ghost Batch Normalization --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,ghost", [((32, 6), 8), ((30, 6), 8), ((12, 6, 4, 4), 4), ((7, 6, 3), 7)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_ghost_bn_is_batch_norm_on_each_chunk_in_turn(dtype, shape, ghost, momentum):
+    torch.manual_seed(0)
+    ours = GhostBatchNorm(6, ghost_batch_size=ghost, momentum=momentum).to(dtype)
+    theirs = torch_bn(6, len(shape), momentum=momentum).to(dtype)
+    randomize_affine(ours, theirs)
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out1 = ours(x1)
+    out2 = torch.cat([theirs(c) for c in torch.split(x2, ghost)])
+    torch.testing.assert_close(out1, out2, **tol(dtype))
+    dout = torch.randn(shape, dtype=dtype)
+    out1.backward(dout), out2.backward(dout)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol(dtype))
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, **tol(dtype))
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, **tol(dtype))
+    torch.testing.assert_close(ours.running_var, theirs.running_var, **tol(dtype))
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), **tol(dtype))
+
+
+def test_ghost_bn_with_one_ghost_batch_is_batch_norm():
+    x = torch.randn(16, 3)
+    ours, theirs = GhostBatchNorm(3, ghost_batch_size=16), nn.BatchNorm1d(3)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_bad_input_is_rejected_clearly():
+    with pytest.raises(ValueError, match="num_groups=3 must divide num_channels=8"):
+        GroupNorm(3, 8)
+    with pytest.raises(ValueError, match="num_groups=3 must divide num_channels=8"):
+        group_norm(torch.randn(2, 8), 3)
+    with pytest.raises(ValueError, match="built for 8 channels.*5 channels"):
+        GroupNorm(4, 8)(torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        GroupNorm(2, 4)(torch.randn(4))
+    with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+        GroupNorm(2, 4)(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="more than 1 value per group"):
+        GroupNorm(4, 4)(torch.randn(3, 4))
+
+    with pytest.raises(ValueError, match=r"last 1 dimensions must equal normalized_shape=\(6,\)"):
+        LayerNorm(6)(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="floating-point.*torch.int32"):
+        LayerNorm(6)(torch.ones(3, 6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="normalized_shape"):
+        LayerNorm((3, 6))(torch.randn(6))
+
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        InstanceNorm(4)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="built for 4 channels"):
+        InstanceNorm(4)(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="more than 1 value per sample and channel"):
+        InstanceNorm(4)(torch.randn(2, 4, 1))
+    with pytest.raises(TypeError, match="floating-point"):
+        InstanceNorm(4)(torch.ones(2, 4, 5, dtype=torch.int64))
+
+    for cls in (BatchRenorm, GhostBatchNorm):
+        with pytest.raises(ValueError, match="channel"):
+            cls(4)(torch.randn(8, 3))
+        with pytest.raises(ValueError, match="at least 2 dimensions"):
+            cls(4)(torch.randn(4))
+        with pytest.raises(TypeError, match="floating-point"):
+            cls(4)(torch.ones(8, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchRenorm(4)(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        GhostBatchNorm(4, ghost_batch_size=4)(torch.randn(9, 4))  # the last ghost batch has 1 sample
+    with pytest.raises(ValueError, match="ghost_batch_size >= 1"):
+        GhostBatchNorm(4, ghost_batch_size=0)

@@ -1,0 +1,135 @@
+"""bn_course.pitfalls: the tools of notebook 08, and its experiments rerun with other seeds.
+
+The experiment tests repeat the notebook's asserts for seeds the notebook does not show,
+so a claim in the notebook cannot rest on a lucky seed.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from bn_course.data import load_digits_split
+from bn_course.pitfalls import (FrozenBatchNorm, batchnorm_layers, bn_placement, fine_tuning_shifted,
+                                forgetting_eval, freeze_batchnorm, non_iid_training, precise_bn_stats,
+                                predict_in_train_mode, running_stat_lag, single_class_batches, train_on_stream)
+from bn_course.torch_bn import BatchNorm
+
+SEEDS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    return load_digits_split()
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+def test_precise_bn_stats_gives_population_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3), BatchNorm(3))
+    x = torch.randn(300, 5) * 2 + 1
+    precise_bn_stats(model, x, batch_size=64)  # batches of 64 do not divide 300: exactness must not depend on it
+    z1 = model[0](x).detach().double()
+    torch.testing.assert_close(model[1].running_mean.double(), z1.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var.double(), z1.var(0, unbiased=True), rtol=1e-5, atol=1e-5)
+    model.eval()
+    with torch.no_grad():  # the second BN sees the first in eval mode, with its new statistics
+        z2 = model[3](model[2](model[1](model[0](x)))).double()
+    torch.testing.assert_close(model[4].running_mean.double(), z2.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[4].running_var.double(), z2.var(0, unbiased=True), rtol=1e-5, atol=1e-5)
+
+
+def test_precise_bn_stats_on_images_and_keeps_training_mode():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)).train()
+    x = torch.randn(20, 1, 6, 6)
+    precise_bn_stats(model, x)
+    z = model[0](x).detach()
+    torch.testing.assert_close(model[1].running_mean, z.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model.training
+
+
+def test_predict_in_train_mode_leaves_the_model_alone():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pred = predict_in_train_mode(model, torch.randn(10, 4), 4)
+    assert pred.shape == (10,) and pred.dtype == torch.int64
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_single_class_batches(data):
+    stream = single_class_batches(data.x_train, data.y_train, 16, seed=1)
+    seen = set()
+    for _ in range(200):
+        xb, yb = next(stream)
+        assert xb.shape == (16, 64) and (yb == yb[0]).all()
+        seen.add(int(yb[0]))
+    assert seen == set(range(10))
+    with pytest.raises(ValueError, match="larger than the smallest class"):
+        next(single_class_batches(data.x_train, data.y_train, 1000))
+
+
+def test_frozen_batchnorm_is_the_eval_map_in_any_mode():
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.data.normal_(), bn.bias.data.normal_()
+    frozen = FrozenBatchNorm(bn).train()
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(frozen(x), bn.eval()(x))
+    assert list(frozen.parameters()) == []
+
+
+def test_freeze_batchnorm_copies_and_trains_with_batch_of_one():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+    frozen = freeze_batchnorm(model)
+    assert len(batchnorm_layers(model)) == 1 and batchnorm_layers(frozen) == []
+    stream = iter(lambda: (torch.randn(1, 4), torch.tensor([1])), None)
+    losses = train_on_stream(frozen, stream, 5, 0.1)
+    assert len(losses) == 5
+    assert isinstance(model[1], nn.BatchNorm1d)
+
+
+# --- the notebook's experiments, other seeds ------------------------------------------------------
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_forgetting_eval(data, seed):
+    r = forgetting_eval(data, seed)
+    assert r["eval mode"] > 0.93
+    assert r["train mode, batch 64"] > r["eval mode"] - 0.03
+    assert r["train mode, batch 8"] < r["eval mode"] - 0.04
+    assert r["train mode, batch 2"] < r["eval mode"] - 0.25
+    assert r["train mode, one class per batch"] < 0.3
+    assert "more than 1 value per channel" in r["batch 1 error"]
+
+
+@pytest.mark.parametrize("seed", SEEDS + [4])
+def test_running_stat_lag(data, seed):
+    r = running_stat_lag(data, seed)
+    assert min(r["var_error"]) > 0.1
+    assert r["precise_acc"] > r["ema_acc"] + 0.01
+    assert r["precise_loss"] < r["ema_loss"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_non_iid_training(data, seed):
+    r = non_iid_training(data, seed)
+    for norm in ("none", "layer"):
+        assert r[(norm, "one class")] > r[(norm, "shuffled")] - 0.05
+    assert r[("batch", "shuffled")] > 0.93
+    assert r[("batch", "one class")] < 0.3
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fine_tuning_shifted(data, seed):
+    r = fine_tuning_shifted(data, seed)
+    assert r["statistics only"] > r["no fine-tuning"] + 0.02
+    assert r["BN live, batch 10"] > 0.9 and r["BN frozen, batch 10"] > 0.9
+    assert r["BN frozen, batch 2"] > r["BN live, batch 2"] + 0.15
+    assert r["BN live, batch 2"] < 0.7
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bn_placement(data, seed):
+    r = bn_placement(data, seed)
+    assert min(r.values()) > 0.93 and abs(r["before"] - r["after"]) < 0.03

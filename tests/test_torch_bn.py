@@ -1,0 +1,462 @@
+"""bn_course.torch_bn against PyTorch itself: the module must be a drop-in nn.BatchNorm1d/2d/3d.
+
+PyTorch is the oracle for outputs, gradients of input/weight/bias, running buffers
+(including num_batches_tracked) after several steps, evaluation mode and state dicts,
+across input ranks 2-5, float32 and float64 and every option; gradcheck (finite
+differences, float64) is the oracle for the hand-written backward of BatchNormFunction.
+"""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from bn_course import torch_bn
+from bn_course.torch_bn import BatchNorm, BatchNormFunction, batchnorm_autograd
+
+SHAPES = {2: (8, 3), 3: (4, 3, 5), 4: (4, 3, 5, 2), 5: (2, 3, 4, 2, 3)}
+TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def make_pair(rank, dtype=torch.float32, seed=0, **options):
+    """Our BatchNorm and PyTorch's, same options and the same (random) affine parameters."""
+    C = SHAPES[rank][1]
+    ours = BatchNorm(C, dtype=dtype, **options)
+    theirs = TORCH_BN[rank](C, dtype=dtype, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(theirs, name) is not None:
+                value = torch.randn(C, generator=g, dtype=dtype) + (1.0 if name == "weight" else 0.0)
+                getattr(theirs, name).copy_(value)
+                getattr(ours, name).copy_(value)
+    return ours, theirs
+
+
+def batch(rank, dtype, seed, n=None):
+    """A batch with a non-zero mean and a non-unit spread in every channel."""
+    g = torch.Generator().manual_seed(seed)
+    shape = list(SHAPES[rank])
+    if n is not None:
+        shape[0] = n
+    C = shape[1]
+    loc = torch.arange(C, dtype=dtype).reshape((1, C) + (1,) * (rank - 2))
+    return torch.randn(shape, generator=g, dtype=dtype) * (1 + loc) + 2 * loc - 1
+
+
+def step(module, x, dout):
+    """One forward + backward; returns the output and the input/weight/bias gradients."""
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    out.backward(dout)
+    grads = [x.grad] + [p.grad.clone() if p is not None and p.grad is not None else None
+                        for p in (module.weight, module.bias)]
+    for p in module.parameters():
+        p.grad = None
+    return out.detach(), grads
+
+
+def assert_same_state(ours, theirs, tol):
+    for name in ("running_mean", "running_var", "num_batches_tracked", "weight", "bias"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype, name
+            torch.testing.assert_close(a.detach(), b.detach(), **tol, msg=name)
+
+
+def run_and_compare(ours, theirs, rank, dtype, seed, steps=3, n=None):
+    tol = TOL[dtype]
+    for k in range(steps):
+        x = batch(rank, dtype, seed + k, n)
+        dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + seed + k), dtype=dtype)
+        out_a, grads_a = step(ours, x, dout)
+        out_b, grads_b = step(theirs, x, dout)
+        assert out_a.dtype == out_b.dtype == dtype
+        torch.testing.assert_close(out_a, out_b, **tol)
+        for name, ga, gb in zip(("dx", "dgamma", "dbeta"), grads_a, grads_b):
+            assert (ga is None) == (gb is None), name
+            if ga is not None:
+                torch.testing.assert_close(ga, gb, **tol, msg=f"{name} at step {k}")
+        assert_same_state(ours, theirs, tol)
+
+
+OPTIONS = [dict(momentum=momentum, affine=affine, track_running_stats=track)
+           for momentum, affine, track in itertools.product([0.1, None], [True, False], [True, False])]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_matches_pytorch_in_training_then_eval_then_training(rank, dtype, options):
+    ours, theirs = make_pair(rank, dtype, **options)
+    run_and_compare(ours, theirs, rank, dtype, seed=0, steps=3)
+    ours.eval(), theirs.eval()
+    run_and_compare(ours, theirs, rank, dtype, seed=10, steps=2)
+    ours.train(), theirs.train()
+    run_and_compare(ours, theirs, rank, dtype, seed=20, steps=2)
+
+
+@pytest.mark.parametrize("options", [dict(momentum=0.0), dict(momentum=0.3), dict(momentum=1.0),
+                                     dict(eps=1e-2), dict(eps=0.5, momentum=None, affine=False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rank", [2, 4])
+def test_matches_pytorch_for_other_momentum_and_eps(rank, dtype, options):
+    ours, theirs = make_pair(rank, dtype, **options)
+    run_and_compare(ours, theirs, rank, dtype, seed=0, steps=3)
+    ours.eval(), theirs.eval()
+    run_and_compare(ours, theirs, rank, dtype, seed=10, steps=2)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("rank", [2, 4])
+def test_matches_pytorch_for_other_seeds_and_batch_sizes(rank, seed):
+    for n in (2, 3, 17):
+        ours, theirs = make_pair(rank, torch.float64, seed=seed, momentum=0.2)
+        run_and_compare(ours, theirs, rank, torch.float64, seed=seed, steps=4, n=n)
+
+
+def test_weight_without_bias_matches_pytorch():
+    ours, theirs = make_pair(4, torch.float64, bias=False)
+    assert ours.bias is None and ours.weight is not None
+    run_and_compare(ours, theirs, 4, torch.float64, seed=0)
+    ours.eval(), theirs.eval()
+    run_and_compare(ours, theirs, 4, torch.float64, seed=5)
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+
+
+def test_channels_last_input_matches_pytorch():
+    ours, theirs = make_pair(4, torch.float64)
+    x = batch(4, torch.float64, 0).contiguous(memory_format=torch.channels_last)
+    dout = torch.randn(x.shape, dtype=torch.float64)
+    (out_a, grads_a), (out_b, grads_b) = step(ours, x, dout), step(theirs, x, dout)
+    torch.testing.assert_close(out_a, out_b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb)
+
+
+def test_momentum_none_is_the_cumulative_average_of_batch_statistics():
+    bn = BatchNorm(3, momentum=None, dtype=torch.float64)
+    xs = [batch(4, torch.float64, seed) for seed in range(5)]
+    for x in xs:
+        bn(x)
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in xs])
+    variances = torch.stack([x.var(dim=(0, 2, 3), correction=1) for x in xs])
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    torch.testing.assert_close(bn.running_var, variances.mean(0))
+    assert int(bn.num_batches_tracked) == 5
+
+
+def test_running_var_is_the_unbiased_estimate():
+    bn = BatchNorm(3, momentum=1.0, dtype=torch.float64)
+    x = batch(2, torch.float64, 0, n=4)
+    bn(x)
+    torch.testing.assert_close(bn.running_var, x.var(dim=0, correction=1))
+    assert not torch.allclose(bn.running_var, x.var(dim=0, correction=0))
+
+
+def test_state_dict_keys_match_and_load_both_ways():
+    for rank in (2, 4, 5):
+        for options in (dict(), dict(affine=False), dict(track_running_stats=False), dict(bias=False)):
+            ours, theirs = make_pair(rank, torch.float64, seed=3, **options)
+            assert list(ours.state_dict()) == list(theirs.state_dict())
+            assert ours.state_dict()._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
+            # train PyTorch's a little, load into ours; train ours a little, load into a fresh PyTorch one
+            run_and_compare(copy.deepcopy(ours), theirs, rank, torch.float64, seed=0)
+            fresh_ours, _ = make_pair(rank, torch.float64, seed=9, **options)
+            fresh_ours.load_state_dict(theirs.state_dict(), strict=True)
+            assert_same_state(fresh_ours, theirs, TOL[torch.float64])
+            for _ in range(2):
+                ours(batch(rank, torch.float64, 7))
+            _, fresh_theirs = make_pair(rank, torch.float64, seed=9, **options)
+            fresh_theirs.load_state_dict(ours.state_dict(), strict=True)
+            assert_same_state(ours, fresh_theirs, TOL[torch.float64])
+            ours.eval(), fresh_theirs.eval()
+            x = batch(rank, torch.float64, 8)
+            torch.testing.assert_close(ours(x), fresh_theirs(x))
+
+
+def test_to_dtype_converts_parameters_and_statistics_but_not_the_counter():
+    ours, theirs = make_pair(4, torch.float32)
+    run_and_compare(ours, theirs, 4, torch.float32, seed=0)
+    ours, theirs = ours.to(torch.float64), theirs.to(torch.float64)
+    assert ours.running_var.dtype == ours.weight.dtype == torch.float64
+    assert ours.num_batches_tracked.dtype == torch.long
+    assert_same_state(ours, theirs, TOL[torch.float32])  # the float32 history, now in float64
+    ours.load_state_dict(theirs.state_dict())
+    run_and_compare(ours, theirs, 4, torch.float64, seed=4, steps=2)
+    ours, theirs = ours.to(torch.float32), theirs.to(torch.float32)
+    run_and_compare(ours, theirs, 4, torch.float32, seed=6, steps=2)
+
+
+def test_low_precision_input_with_float32_parameters_behaves_like_pytorch():
+    ours, theirs = make_pair(4, torch.float32)
+    x = batch(4, torch.float32, 0).to(torch.bfloat16)
+    out_a, out_b = ours(x), theirs(x)
+    assert out_a.dtype == out_b.dtype == torch.bfloat16
+    torch.testing.assert_close(out_a.float(), out_b.float(), rtol=2e-2, atol=2e-2)
+    assert ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-3, atol=1e-3)
+
+
+def small_convnet(bn_class):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), bn_class(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1), bn_class(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    ).double()
+
+
+def swap_batchnorm(model):
+    """A copy of model with every nn.BatchNorm2d replaced by ours, weights and buffers loaded."""
+    model = copy.deepcopy(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            ours = BatchNorm(child.num_features, dtype=torch.float64)
+            ours.load_state_dict(child.state_dict())
+            setattr(model, name, ours)
+    return model
+
+
+def test_a_model_with_ours_swapped_in_trains_identically():
+    reference = small_convnet(nn.BatchNorm2d)
+    swapped = swap_batchnorm(reference)
+    assert sum(isinstance(m, BatchNorm) for m in swapped.modules()) == 2
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, swapped)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 1, 6, 6, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        for model, opt in zip((reference, swapped), opts):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    sd_ref, sd_ours = reference.state_dict(), swapped.state_dict()
+    assert list(sd_ref) == list(sd_ours)
+    for key in sd_ref:
+        torch.testing.assert_close(sd_ours[key], sd_ref[key], rtol=1e-9, atol=1e-11, msg=key)
+    reference.eval(), swapped.eval()
+    x = torch.randn(3, 1, 6, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(swapped(x), reference(x))
+
+
+# ---- the hand-written backward and the autograd version -----------------------------------
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("affine", ["gamma_and_beta", "gamma_only", "none"])
+def test_function_backward_passes_gradcheck(rank, affine):
+    g = torch.Generator().manual_seed(rank)
+    shape = SHAPES[rank]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    gamma = (torch.randn(shape[1], generator=g, dtype=torch.float64)).requires_grad_(True)
+    beta = torch.randn(shape[1], generator=g, dtype=torch.float64).requires_grad_(True)
+    if affine == "gamma_only":
+        beta = None
+    if affine == "none":
+        gamma = beta = None
+    assert torch.autograd.gradcheck(lambda *a: BatchNormFunction.apply(*a, 1e-3), (x, gamma, beta),
+                                    eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_function_backward_is_once_differentiable():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    gamma, beta = torch.ones(3, dtype=torch.float64, requires_grad=True), torch.zeros(3, dtype=torch.float64)
+    out = BatchNormFunction.apply(x, gamma, beta, 1e-5)
+    (dx,) = torch.autograd.grad((out ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_autograd_version_and_function_agree_with_pytorch(rank, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = SHAPES[rank]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2
+    gamma, beta = torch.randn(shape[1], generator=g, dtype=torch.float64), torch.randn(shape[1], generator=g, dtype=torch.float64)
+    dout = torch.randn(shape, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: batchnorm_autograd(*a, eps=1e-5), lambda *a: BatchNormFunction.apply(*a, 1e-5),
+               lambda x, w, b: nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)):
+        inputs = [t.clone().requires_grad_(True) for t in (x, gamma, beta)]
+        out = fn(*inputs)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for mine in results[:2]:
+        for a, b in zip(mine, results[2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---- bad input: a clear error that names the problem ---------------------------------------
+
+def test_rank_below_two_is_rejected():
+    with pytest.raises(ValueError, match=r"at least 2 dimensions.*\(3,\)"):
+        BatchNorm(3)(torch.randn(3))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        BatchNormFunction.apply(torch.randn(3), None, None, 1e-5)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        batchnorm_autograd(torch.randn(3), torch.ones(3), torch.zeros(3))
+
+
+def test_channel_mismatch_is_rejected():
+    with pytest.raises(ValueError, match=r"BatchNorm\(3\) got an input with 5 channels.*num_features=3"):
+        BatchNorm(3)(torch.randn(4, 5, 2, 2))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(5,\)"):
+        BatchNormFunction.apply(torch.randn(4, 5), torch.ones(3), torch.zeros(3), 1e-5)
+    with pytest.raises(ValueError, match=r"beta must have shape \(5,\)"):
+        batchnorm_autograd(torch.randn(4, 5), torch.ones(5), torch.zeros(5, 1))
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_one_value_per_channel_is_rejected_in_training_but_allowed_in_eval(shape):
+    bn = BatchNorm(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(shape))
+    assert int(bn.num_batches_tracked) == 0, "a rejected batch must not touch the running statistics"
+    bn.eval()
+    theirs = TORCH_BN[len(shape)](3).eval()
+    x = torch.randn(shape)
+    torch.testing.assert_close(bn(x), theirs(x))
+    no_stats = BatchNorm(3, track_running_stats=False).eval()  # eval without buffers uses the batch
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        no_stats(torch.randn(shape))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNormFunction.apply(torch.randn(shape), None, None, 1e-5)
+
+
+def test_integer_input_is_rejected():
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        BatchNorm(3)(torch.arange(12).reshape(4, 3))
+    with pytest.raises(TypeError, match="floating-point tensor"):
+        BatchNorm(3).eval()(torch.arange(12).reshape(4, 3))
+
+
+def test_non_tensor_input_is_rejected():
+    import numpy as np
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got ndarray"):
+        BatchNorm(3)(np.zeros((4, 3), dtype=np.float32))
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
+        BatchNorm(3)([[0.0, 1.0, 2.0]] * 4)
+    with pytest.raises(TypeError, match="gamma must be a torch.Tensor"):
+        BatchNormFunction.apply(torch.randn(4, 3), [1.0, 1.0, 1.0], None, 1e-5)
+
+
+def test_mixed_float_dtypes_are_rejected():
+    with pytest.raises(TypeError, match="dtype torch.float64 but the layer's parameters .* torch.float32"):
+        BatchNorm(3)(torch.randn(4, 3, dtype=torch.float64))
+
+
+# ---- the experiments of notebook 04 (the classic bugs): its claims hold for other seeds -----
+# The buggy variants are written here again, as the notebook writes them, and run through the
+# package's experiment functions with seeds the notebook does not use.
+
+def update_running(running_mean, running_var, x, momentum):
+    mu, var = x.mean(dim=0), x.var(dim=0, correction=1)
+    return (1 - momentum) * running_mean + momentum * mu, (1 - momentum) * running_var + momentum * var
+
+
+def update_running_biased(running_mean, running_var, x, momentum):
+    mu, var = x.mean(dim=0), x.var(dim=0, correction=0)
+    return (1 - momentum) * running_mean + momentum * mu, (1 - momentum) * running_var + momentum * var
+
+
+def update_running_reversed(running_mean, running_var, x, momentum):
+    mu, var = x.mean(dim=0), x.var(dim=0, correction=1)
+    return momentum * running_mean + (1 - momentum) * mu, momentum * running_var + (1 - momentum) * var
+
+
+def normalize_over(x, dims, eps=1e-5):
+    mu = x.mean(dim=dims, keepdim=True)
+    return (x - mu) / torch.sqrt(x.var(dim=dims, correction=0, keepdim=True) + eps)
+
+
+def batchnorm_detached(x, eps=1e-5):
+    mu = x.mean(dim=0, keepdim=True).detach()
+    var = x.var(dim=0, correction=0, keepdim=True).detach()
+    return (x - mu) / torch.sqrt(var + eps)
+
+
+SEEDS = [21, 22, 23, 24, 25]
+
+
+def test_update_running_matches_pytorch_buffers():
+    for seed in SEEDS:
+        batches = torch_bn.make_batches(steps=6, batch_size=5, C=3, mean=1.0, var=2.0, seed=seed)
+        reference = nn.BatchNorm1d(3, momentum=0.3, dtype=torch.float64)
+        for x in batches:
+            reference(x)
+        means, variances = torch_bn.track_running_stats(update_running, batches, momentum=0.3)
+        assert means.shape == variances.shape == (6, 3)
+        torch.testing.assert_close(means[-1], reference.running_mean)
+        torch.testing.assert_close(variances[-1], reference.running_var)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bug1_biased_running_variance_underestimates_and_inflates_eval_outputs(seed):
+    batches = torch_bn.make_batches(steps=300, batch_size=4, C=16, mean=3.0, var=4.0, seed=seed)
+    _, var_right = torch_bn.track_running_stats(update_running, batches, momentum=0.02)
+    _, var_biased = torch_bn.track_running_stats(update_running_biased, batches, momentum=0.02)
+    assert 0.9 < float(var_right[-1].mean()) / 4 < 1.1
+    assert 0.65 < float(var_biased[-1].mean()) / 4 < 0.85
+    x_test = torch_bn.make_batches(1, 4000, 16, mean=3.0, var=4.0, seed=seed + 1000)[0]
+    std_right = float(((x_test - x_test.mean(0)) / torch.sqrt(var_right[-1] + 1e-5)).std())
+    std_biased = float(((x_test - x_test.mean(0)) / torch.sqrt(var_biased[-1] + 1e-5)).std())
+    assert 0.93 < std_right < 1.07 and std_biased > 1.09
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bug2_reversed_momentum_makes_the_running_mean_follow_the_last_batch(seed):
+    batches = torch_bn.make_batches(steps=200, batch_size=16, C=16, mean=3.0, var=4.0, seed=seed)
+    mean_right, _ = torch_bn.track_running_stats(update_running, batches, momentum=0.1)
+    mean_reversed, _ = torch_bn.track_running_stats(update_running_reversed, batches, momentum=0.1)
+    assert float(mean_reversed[100:].std(dim=0).mean()) > 2.5 * float(mean_right[100:].std(dim=0).mean())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bug3_zero_initial_running_variance_blows_up_early_evaluation(seed):
+    bn_right, bn_zero = BatchNorm(8, dtype=torch.float64), BatchNorm(8, dtype=torch.float64)
+    with torch.no_grad():
+        bn_zero.running_var.zero_()
+    batches = torch_bn.make_batches(steps=50, batch_size=32, C=8, seed=seed)
+    x_eval = torch_bn.make_batches(steps=1, batch_size=1000, C=8, seed=seed + 1000)[0]
+    std_right = torch_bn.eval_std_during_training(bn_right, batches, x_eval)
+    std_zero = torch_bn.eval_std_during_training(bn_zero, batches, x_eval)
+    assert len(std_right) == 51 and bn_right.training
+    assert abs(std_right[0] - 1) < 0.1 and std_zero[0] > 100 * std_right[0]
+    assert std_zero[5] > 1.3 * std_right[5] and std_zero[50] < 1.05 * std_right[50]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bug4_detached_statistics_let_a_shift_drift_while_the_loss_stands_still(seed):
+    b_right, loss_right = torch_bn.shift_experiment(lambda z: normalize_over(z, (0,)), steps=50, seed=seed)
+    b_detached, loss_detached = torch_bn.shift_experiment(batchnorm_detached, steps=50, seed=seed)
+    assert len(b_right) == len(loss_right) == 51
+    assert b_right[-1] < 1e-10 and b_detached[-1] > 5
+    assert max(loss_right) - min(loss_right) < 1e-9 and max(loss_detached) - min(loss_detached) < 1e-9
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_bug5_normalizing_over_the_batch_only_erases_the_common_pattern(seed):
+    images = torch_bn.spatial_pattern_images(seed=seed)
+    assert images.shape == (16, 3, 8, 8)
+    right = torch_bn.pattern_left_after(lambda x: normalize_over(x, (0, 2, 3)), images)
+    wrong = torch_bn.pattern_left_after(lambda x: normalize_over(x, (0,)), images)
+    assert float(right.min()) > 0.5 and float(wrong.max()) < 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_matches_pytorch_on_the_gpu():
+    ours, theirs = make_pair(4, torch.float32)
+    ours, theirs = ours.cuda(), theirs.cuda()
+    for k in range(3):
+        x = batch(4, torch.float32, k).cuda()
+        dout = torch.randn_like(x)
+        (out_a, grads_a), (out_b, grads_b) = step(ours, x, dout), step(theirs, x, dout)
+        torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-4)
+        for ga, gb in zip(grads_a, grads_b):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
+    assert_same_state(ours, theirs, dict(rtol=1e-4, atol=1e-4))

@@ -1,0 +1,115 @@
+"""bn_course.train: deterministic runs, divergence detected, evaluation, callbacks, clear errors."""
+
+import math
+
+import pytest
+import torch
+
+import bn_course
+from bn_course.data import load_digits_split
+from bn_course.models import mlp
+from bn_course.train import History, evaluate, is_divergent, train
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_digits_split()
+
+
+def _run(data, seed=0, **kwargs):
+    bn_course.seed_everything(seed)
+    model = mlp(hidden=(32, 32), norm=kwargs.pop("norm", "batch"))
+    return train(model, data, kwargs.pop("steps", 40), kwargs.pop("lr", 0.1), progress=False,
+                 eval_every=10, seed=seed, **kwargs)
+
+
+def test_same_seed_same_history(data):
+    a, b = _run(data, seed=1), _run(data, seed=1)
+    assert a.batch_loss == b.batch_loss and a.test_accuracy == b.test_accuracy
+    assert _run(data, seed=2).batch_loss != a.batch_loss
+
+
+def test_history_records_what_it_promises(data):
+    h = _run(data, steps=45)
+    assert h.steps == [0, 10, 20, 30, 40, 45]
+    assert len(h.batch_loss) == 45
+    assert len(h.train_loss) == len(h.test_accuracy) == len(h.train_accuracy) == len(h.test_loss) == 6
+    assert not h.diverged and h.diverged_step is None
+    assert h.final_accuracy == h.test_accuracy[-1] > 0.8  # 45 steps of BN-MLP learn the digits
+    assert h.steps_to(0.0) == 0 and h.steps_to(1.01) is None
+    assert h.summary()["steps_run"] == 45
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
+def test_optimizers_learn(data, optimizer, momentum):
+    lr = 0.01 if optimizer == "adam" else 0.1
+    h = _run(data, optimizer=optimizer, momentum=momentum, lr=lr, norm="none", steps=100)
+    assert h.train_loss[-1] < 0.5 * h.train_loss[0]
+
+
+def test_huge_learning_rate_is_detected_as_divergence(data):
+    h = _run(data, norm="none", lr=1e4, steps=200)
+    assert h.diverged and h.diverged_step is not None and h.diverged_step <= 200
+    assert len(h.batch_loss) == h.diverged_step < 200  # stopped early
+    assert h.steps[-1] == h.diverged_step  # evaluated once at the divergence
+
+
+def test_is_divergent():
+    assert is_divergent(float("nan"), 2.3, 10) and is_divergent(math.inf, None, 10)
+    assert is_divergent(24.0, 2.3, 10) and not is_divergent(22.0, 2.3, 10)
+
+
+def test_callback_sees_every_step_and_can_stop(data):
+    seen = []
+
+    def callback(step, model, x, y, loss, history, **_):
+        seen.append((step, x.shape[0], loss))
+        history.extra.setdefault("steps", []).append(step)
+        return step == 7
+
+    h = _run(data, callback=callback)
+    assert [s for s, _, _ in seen] == list(range(1, 8)) and seen[0][1] == 60
+    assert h.extra["steps"] == list(range(1, 8)) and h.steps[-1] == 7
+
+
+def test_evaluate_restores_the_mode(data):
+    model = mlp(hidden=(8,), norm="batch")
+    model.train()
+    loss, acc = evaluate(model, data.x_test, data.y_test)
+    assert model.training and 0 <= acc <= 1 and loss > 0
+    model.eval()
+    evaluate(model, data.x_test[:5], data.y_test[:5])
+    assert not model.training
+
+
+def test_runs_on_the_course_device(data):
+    device = bn_course.get_device()
+    h = _run(data.to(device), steps=5)
+    assert len(h.batch_loss) == 5
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"steps": 0}, ValueError, "steps"),
+    ({"lr": -1.0}, ValueError, "lr"),
+    ({"optimizer": "rmsprop"}, ValueError, "optimizer"),
+    ({"optimizer": "adam", "momentum": 0.9}, ValueError, "momentum"),
+    ({"batch_size": 10_000}, ValueError, "batch_size"),
+])
+def test_bad_arguments(data, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _run(data, **kwargs)
+
+
+def test_data_without_the_four_tensors():
+    with pytest.raises(TypeError, match="x_train"):
+        train(mlp(), object(), 10, 0.1, progress=False)
+
+
+def test_empty_history():
+    assert math.isnan(History().final_accuracy)
+
+
+def test_eval_train_false_skips_the_training_set(data):
+    h = _run(data, steps=20, eval_train=False)
+    assert all(math.isnan(v) for v in h.train_loss + h.train_accuracy)
+    assert h.test_accuracy == _run(data, steps=20).test_accuracy
