@@ -39,6 +39,7 @@ class InitStatistics:
                 0 for tanh and sigmoid)
     grad_rms:   root mean square of the loss gradient with respect to W_l
     h:          the outputs themselves, a list of (N, width) arrays, for histograms
+                (empty when computed with keep_activations=False)
     """
 
     activation: str
@@ -129,10 +130,12 @@ def _check_data(x, y):
                          f"got {tuple(getattr(y, 'shape', ()))}.")
 
 
-def init_statistics(x, y, depth, width=256, init_scale=1.0, activation="tanh", seed=0):
+def init_statistics(x, y, depth, width=256, init_scale=1.0, activation="tanh", seed=0,
+                    keep_activations=True):
     """Statistics of every layer of a freshly initialized deep MLP on the batch (x, y).
 
-    x: (N, in_features) float tensor, y: (N,) int labels in 0..9. Returns an InitStatistics.
+    x: (N, in_features) float tensor, y: (N,) int labels in 0..9. Returns an InitStatistics;
+    keep_activations=False leaves out the activations themselves (saves memory in sweeps).
     """
     _check_activation(activation)
     _check_data(x, y)
@@ -147,7 +150,7 @@ def init_statistics(x, y, depth, width=256, init_scale=1.0, activation="tanh", s
         saturated=np.array([saturated_fraction(h, activation) for h in hs]),
         dead=np.array([dead_fraction(h) if activation == "relu" else 0.0 for h in hs]),
         grad_rms=weight_grad_rms(x, y, weights, w_out, activation),
-        h=[h.cpu().numpy() for h in hs],
+        h=[h.cpu().numpy() for h in hs] if keep_activations else [],
     )
 
 

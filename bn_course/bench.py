@@ -5,7 +5,8 @@
     python -m bn_course.bench --quick              # small sizes, few repeats (seconds)
 
 Every time is the median of ``repeats`` runs after warm-up runs (on a GPU, with the
-device synchronized around each run). On the CPU the default is one thread: the
+device synchronized around each run; on one CPU thread, by the thread's CPU time:
+see ``clock_for``). On the CPU the default is one thread: the
 numbers are steadier, and with two threads we saw the compiled code's OpenMP
 threads and ATen's compete on a 2-core machine (tens of ms for a tiny tensor). BN is memory-bound, so each result is also
 given as an *effective bandwidth*: the bytes the least possible number of passes
@@ -52,20 +53,58 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def clock_for(device):
+    """The clock to time with, and its name.
+
+    One CPU thread: ``time.thread_time``, the CPU time this thread used, which leaves out the
+    time the operating system gives to other programs (a shared machine stays measurable).
+    Several threads or a GPU: wall time, ``time.perf_counter``.
+    """
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time, "thread CPU time"
+    return time.perf_counter, "wall time"
+
+
 def median_time(fn, repeats=10, warmup=2, device=torch.device("cpu")):
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs."""
+    """Median time of ``fn()`` in seconds over ``repeats`` runs, after ``warmup`` runs."""
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    clock, _ = clock_for(device)
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
+
+
+def paired_ratio(fn_a, fn_b, repeats=10, warmup=2, device=torch.device("cpu")):
+    """Median over ``repeats`` of time(fn_a) / time(fn_b), the two run alternately.
+
+    Runs back to back see the same load from other programs, so the ratio of a pair is
+    steadier than the ratio of two medians measured at different moments.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    clock, _ = clock_for(device)
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ratios = []
+    for _ in range(repeats):
+        seconds = []
+        for fn in (fn_a, fn_b):
+            _sync(device)
+            start = clock()
+            fn()
+            _sync(device)
+            seconds.append(clock() - start)
+        ratios.append(seconds[0] / seconds[1])
+    return statistics.median(ratios)
 
 
 def tensor_bytes(shape, dtype=torch.float32):
@@ -222,7 +261,7 @@ def run(sizes=None, repeats=10, target_shape=TARGET_SHAPE, device=None, threads=
         "device": str(device), "device_name": _device_name(device), "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "repeats": repeats, "statistic": "median", "passes": PASSES,
+        "repeats": repeats, "statistic": "median", "clock": clock_for(device)[1], "passes": PASSES,
         "command": "python -m bn_course.bench " + " ".join(sys.argv[1:]) if __name__ == "__main__" else "bn_course.bench.run()",
     }}
     if "compiled" in impls:
@@ -235,20 +274,26 @@ def run(sizes=None, repeats=10, target_shape=TARGET_SHAPE, device=None, threads=
     return result
 
 
+def format_rows(rows):
+    """Rows of ``bandwidth_table`` as aligned text, one line each."""
+    lines = [f"{'shape':>18} {'implementation':>14} {'layout':>14} {'direction':>17} "
+             f"{'ms':>9} {'MB/pass':>8} {'GB/s':>7} {'of copy':>8}"]
+    for row in rows:
+        mb = tensor_bytes(row["shape"]) / 1e6
+        lines.append(f"{str(tuple(row['shape'])):>18} {row['impl']:>14} {row['layout']:>14} {row['direction']:>17} "
+                     f"{row['seconds'] * 1e3:9.3f} {mb:8.1f} {row['GB_per_s']:7.1f} {row['fraction_of_copy']:8.0%}")
+    return "\n".join(lines)
+
+
 def format_table(result):
     """The measurements as aligned text, one line per row, then the targets."""
     meta = result["meta"]
     lines = [f"batch norm, training mode, float32 on {meta['device']} ({meta['device_name']}), "
-             f"{meta['torch_threads']} thread(s), torch {meta['torch']}; median of {meta['repeats']} runs",
+             f"{meta['torch_threads']} thread(s), torch {meta['torch']}; median of {meta['repeats']} runs "
+             f"({meta['clock']})",
              f"least bytes moved: forward {PASSES['forward']} passes, forward+backward "
              f"{PASSES['forward+backward']} passes of x's size",
-             "",
-             f"{'shape':>18} {'implementation':>14} {'layout':>14} {'direction':>17} "
-             f"{'ms':>9} {'MB/pass':>8} {'GB/s':>7} {'of copy':>8}"]
-    for row in result["bandwidth"]:
-        mb = tensor_bytes(row["shape"]) / 1e6
-        lines.append(f"{str(tuple(row['shape'])):>18} {row['impl']:>14} {row['layout']:>14} {row['direction']:>17} "
-                     f"{row['seconds'] * 1e3:9.3f} {mb:8.1f} {row['GB_per_s']:7.1f} {row['fraction_of_copy']:8.0%}")
+             "", format_rows(result["bandwidth"])]
     if "compile_seconds" in result:
         lines.append(f"\nfirst call of the compiled module (code generation and compilation): "
                      f"{result['compile_seconds']:.1f} s")

@@ -58,6 +58,8 @@ CLAIMS = (
         statement="BN makes training faster: fewer steps to reach a given accuracy.",
         kind="benefit",
         notebook="05_training_with_batchnorm",
+        section="1 · Figure 1 of the 2015 paper, at laptop scale",
+        verdict="confirmed",
     ),
     Claim(
         id="stable_gradients",
@@ -65,6 +67,8 @@ CLAIMS = (
                   "in deep networks.",
         kind="benefit",
         notebook="05_training_with_batchnorm",
+        section="4 · Depth: activations and gradients at initialization",
+        verdict="contested",
     ),
     Claim(
         id="higher_learning_rates",
@@ -72,12 +76,16 @@ CLAIMS = (
                   "without diverging.",
         kind="benefit",
         notebook="05_training_with_batchnorm",
+        section="2 · Which learning rates train?",
+        verdict="confirmed",
     ),
     Claim(
         id="less_init_sensitivity",
         statement="BN makes training less sensitive to the scale of the weight initialization.",
         kind="benefit",
         notebook="05_training_with_batchnorm",
+        section="3 · How much does the initial scale of the weights matter?",
+        verdict="confirmed",
     ),
     Claim(
         id="regularizes",
@@ -92,6 +100,8 @@ CLAIMS = (
                   "without BN it drifts (the 2015 paper's Figure 1).",
         kind="explanation",
         notebook="05_training_with_batchnorm",
+        section="1 · Figure 1 of the 2015 paper, at laptop scale",
+        verdict="confirmed",
     ),
     Claim(
         id="reduces_ics",
@@ -99,6 +109,8 @@ CLAIMS = (
                   "distribution caused by updates of the layers before it.",
         kind="explanation",
         notebook="06_why_does_it_work",
+        section="Internal covariate shift, measured",
+        verdict="refuted",
     ),
     Claim(
         id="smoother_landscape",
@@ -106,6 +118,8 @@ CLAIMS = (
                   "along the gradient direction.",
         kind="explanation",
         notebook="06_why_does_it_work",
+        section="The loss landscape along the gradient",
+        verdict="contested",
     ),
     Claim(
         id="scale_invariance",
@@ -114,6 +128,8 @@ CLAIMS = (
                   "shrinks unless weight decay holds it.",
         kind="explanation",
         notebook="06_why_does_it_work",
+        section="Scale invariance and the effective learning rate",
+        verdict="confirmed",
     ),
     # --- limitations (07, 08, 09) ------------------------------------------------------------
     Claim(

@@ -93,9 +93,8 @@ class FusedBatchNormFunction(torch.autograd.Function):
         x, mu, inv_std, gamma = ctx.saved_tensors
         dx, dgamma, dbeta = _run(backward_math, ctx.use_compile, dout.contiguous(memory_format=_layout(x)),
                                  x, mu, inv_std, gamma)
-        if gamma is None:
-            return dx, None, None, None, None
-        return dx, dgamma, dbeta, None, None
+        return (dx, dgamma if ctx.needs_input_grad[1] else None,
+                dbeta if ctx.needs_input_grad[2] else None, None, None)
 
 
 def _layout(x):
@@ -122,24 +121,20 @@ class FusedBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, compile=True, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats=True, compile=True, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.compile = compile
-
-    @torch.no_grad()
-    def _update_running_stats_from(self, mu, var, m):
-        """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
-        self.num_batches_tracked.add_(1)
-        f = self._momentum_factor()
-        self.running_mean.mul_(1 - f).add_(mu.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1 - f).add_((var * m / (m - 1)).to(self.running_var.dtype), alpha=f)
 
     def forward(self, x):
         if not self.training and self.track_running_stats:
-            return super().forward(x)
+            return super().forward(x)  # one affine map per channel: nothing to fuse
         self._check(x)
-        check_enough_values(tuple(x.shape), f"{type(self).__name__} input")
+        in_dtype, p = x.dtype, self._param_dtype()
+        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32, as BatchNorm
+            x = x.to(p)
+        check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
         out, mu, var = fused_batchnorm(x, self.weight, self.bias, self.eps, self.compile)
         if self.training and self.track_running_stats:
-            self._update_running_stats_from(mu, var, x.numel() // x.shape[1])
-        return out
+            m = x.numel() // x.shape[1]
+            self._update_running_averages(mu, var * m / (m - 1))  # the unbiased variance
+        return out.to(in_dtype)

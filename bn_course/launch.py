@@ -37,6 +37,9 @@ _POLL_SECONDS = 0.02   # how often the parent looks at its processes
 _LOG_TAIL_CHARS = 3000  # how much of a failed process's output an error quotes
 
 
+_LIVE = set()  # processes started here and not yet reaped: see live_processes()
+
+
 class WorkerError(RuntimeError):
     """A launched process raised an exception or died before returning its result."""
 
@@ -134,8 +137,10 @@ def _start(rank, world_size, workdir, module, qualname, args, backend, timeout):
     env["PYTHONPATH"] = os.pathsep.join([p or os.getcwd() for p in sys.path])
     env.setdefault("OMP_NUM_THREADS", "1")
     with open(files["log"], "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "bn_course.launch", files["job"]],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        process = subprocess.Popen([sys.executable, "-m", "bn_course.launch", files["job"]],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    _LIVE.add(process)
+    return process
 
 
 def _failure_time(rank, workdir):
@@ -211,6 +216,12 @@ def _stop(processes):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        _LIVE.discard(p)
+
+
+def live_processes():
+    """How many processes started by ``launch`` are still running (0 once every call has returned)."""
+    return sum(p.poll() is None for p in _LIVE)
 
 
 def launch(fn, world_size=2, args=(), timeout=60.0, backend="gloo"):

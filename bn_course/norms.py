@@ -18,6 +18,10 @@ GroupNorm          C/G channels and spatial, per sample & group  no
 
 Batch Renormalization and Ghost Batch Normalization keep batch norm's axes but
 change *which* statistics are used in training (see their classes).
+
+The end of the module holds the experiments of notebook 09 (``batch_size_sweep``,
+``cnn_small_batch``, ``hard_batches``), functions of ``data`` and ``seed`` so that the
+tests can rerun them with other seeds.
 """
 
 import math
@@ -25,8 +29,13 @@ import math
 import torch
 from torch import nn
 
+import bn_course
 from bn_course._validate import check_enough_values as check_bn_values
+from bn_course.models import cnn, mlp
+from bn_course.pitfalls import single_class_batches, train_on_stream
+from bn_course.sweep import run_grid
 from bn_course.torch_bn import BatchNorm, per_channel, reduce_dims
+from bn_course.train import evaluate, train
 
 
 # --- input checks ------------------------------------------------------------------------
@@ -339,3 +348,71 @@ def replace_batchnorm(model, make):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 setattr(parent, name, make(child.num_features))
     return model
+
+
+# --- the experiments of notebook 09 (the tests rerun them with other seeds) ---------------------
+
+SWEEP_BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128)
+
+
+def make_mlp(norm, hidden=(64, 64), r_max=3.0, d_max=5.0):
+    """The MLP of notebook 09 with ``norm`` in "none", "batch", "layer", "group" or "renorm"
+    (batch norm replaced by ``BatchRenorm(r_max, d_max)``)."""
+    if norm == "renorm":
+        return replace_batchnorm(mlp(hidden=hidden, norm="batch"), lambda C: BatchRenorm(C, r_max=r_max, d_max=d_max))
+    return mlp(hidden=hidden, norm=norm)
+
+
+def train_mlp(data, norm, batch_size, seed=0, steps=400, lr=0.05):
+    """Train ``make_mlp(norm)`` with SGD on shuffled batches; returns its ``History``."""
+    bn_course.seed_everything(seed)
+    model = make_mlp(norm)
+    return train(model, data, steps, lr, batch_size=batch_size, seed=seed, progress=False, eval_every=steps)
+
+
+def batch_size_sweep(data, seeds=(0,), batch_sizes=SWEEP_BATCH_SIZES, norms=("batch", "group", "layer"),
+                     steps=400, lr=0.05, progress=True):
+    """Test accuracy (eval mode) of the MLP for every norm x batch size x seed, same number of steps.
+
+    Returns ``bn_course.sweep.run_grid``'s tidy rows (norm, batch_size, seed, final_accuracy, ...).
+    """
+    def run(norm, batch_size, seed):
+        return train_mlp(data, norm, batch_size, seed, steps, lr)
+
+    return run_grid(run, {"norm": list(norms), "batch_size": list(batch_sizes)}, seeds=seeds, progress=progress)
+
+
+def cnn_small_batch(data, seed=0, batch_size=2, steps=400, lr=0.05):
+    """Test accuracy of a small CNN with batch norm trained with tiny batches.
+
+    Returns {"accuracy": ..., "values_per_channel": [m of each BN layer]}: in a CNN each
+    channel's statistics are taken over N x H x W values, not N.
+    """
+    bn_course.seed_everything(seed)
+    model = cnn(channels=(16, 32), norm="batch").to(data.x_train.device)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].numel() // inp[0].shape[1]))
+             for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(data.x_train[:batch_size])
+    for h in hooks:
+        h.remove()
+    history = train(model, data, steps, lr, batch_size=batch_size, seed=seed, progress=False, eval_every=steps)
+    return {"accuracy": history.final_accuracy, "values_per_channel": sizes}
+
+
+def hard_batches(data, seed=0, steps=400, lr=0.05, small_batches=(2, 4), one_class_batch=32,
+                 norms=("batch", "renorm", "group")):
+    """Test accuracy (eval mode) per norm on tiny shuffled batches and on single-class batches.
+
+    Returns {(norm, "batch 2"): acc, ..., (norm, "one class"): acc}.
+    """
+    result = {}
+    for norm in norms:
+        for b in small_batches:
+            result[(norm, f"batch {b}")] = train_mlp(data, norm, b, seed, steps, lr).final_accuracy
+        bn_course.seed_everything(seed)
+        model = make_mlp(norm).to(data.x_train.device)
+        train_on_stream(model, single_class_batches(data.x_train, data.y_train, one_class_batch, seed), steps, lr)
+        result[(norm, "one class")] = evaluate(model, data.x_test, data.y_test)[1]
+    return result

@@ -180,14 +180,15 @@ def relu_mlp_run(lr, depth, norm, seed, steps=200, momentum=0.0, init_scale=2 **
 
 
 def good_range(rows, threshold=0.9, x="lr"):
-    """The values of ``x`` at which every seed's run reached ``threshold`` final accuracy without diverging.
+    """The values of ``x`` at which every seed's run reached ``threshold`` test accuracy without diverging.
 
-    rows: the tidy rows of one configuration (filter them first with ``select``).
+    rows: the tidy rows of one configuration (filter them first with ``select``); each needs
+    ``best_accuracy`` (the highest test accuracy of the run) and ``diverged``.
     Returns a sorted list (empty if none).
     """
     ok = {}
     for r in rows:
-        good = (not r["diverged"]) and r["final_accuracy"] >= threshold
+        good = (not r["diverged"]) and r["best_accuracy"] >= threshold
         ok[r[x]] = ok.get(r[x], True) and good
     return sorted(v for v, good in ok.items() if good)
 

@@ -21,7 +21,7 @@ no-op and ``SyncBatchNorm`` is exactly ``bn_course.torch_bn.BatchNorm``.
 import torch
 import torch.distributed as dist
 
-from bn_course._validate import check_enough_values, values_per_channel
+from bn_course._validate import values_per_channel
 from bn_course.torch_bn import BatchNorm, per_channel, reduce_dims
 
 
@@ -52,7 +52,11 @@ def sync_mean_var(x, group=None):
     sums = torch.cat([x.sum(dim=dims), x.new_full((1,), local_m)])          # (C + 1,)
     all_reduce_sum(sums, group)                                              # round 1
     m = int(round(float(sums[C])))
-    check_enough_values((m, C), f"SyncBatchNorm input (all {world_size(group)} processes together)")
+    if m <= 1:  # every process sees the same m, so every process raises: none is left waiting
+        raise ValueError(
+            f"SyncBatchNorm: expected more than 1 value per channel over all {world_size(group)} "
+            f"process(es) together, got {m}. The variance of a single value is 0. Use a larger batch."
+        )
     mu = sums[:C] / m
     sq = ((x - per_channel(mu, x.dim())) ** 2).sum(dim=dims)                 # (C,)
     all_reduce_sum(sq, group)                                                # round 2
@@ -73,9 +77,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x_hat = (x - per_channel(mu, x.dim())) * per_channel(inv_std, x.dim())
         out = x_hat
         if gamma is not None:
-            out = x_hat * per_channel(gamma, x.dim()) + per_channel(beta, x.dim())
+            out = out * per_channel(gamma, x.dim())
+        if beta is not None:
+            out = out + per_channel(beta, x.dim())
         ctx.save_for_backward(x_hat, inv_std, gamma)
-        ctx.m, ctx.group = m, group
+        ctx.m, ctx.group, ctx.has_beta = m, group, beta is not None
         return out
 
     @staticmethod
@@ -91,9 +97,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dx = per_channel(scale, dout.dim()) * (
             dout - per_channel(sum_dout / ctx.m, dout.dim())
             - x_hat * per_channel(sum_dout_x_hat / ctx.m, dout.dim()))
-        if gamma is None:
-            return dx, None, None, None, None, None, None, None
-        return dx, dgamma, dbeta, None, None, None, None, None
+        return (dx, dgamma if gamma is not None else None, dbeta if ctx.has_beta else None,
+                None, None, None, None, None)
 
 
 def sync_batchnorm(x, gamma, beta, eps=1e-5, group=None):
@@ -116,28 +121,23 @@ class SyncBatchNorm(BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats=True, process_group=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
-
-    @torch.no_grad()
-    def _update_running_stats_from(self, mu, var, m):
-        """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
-        self.num_batches_tracked.add_(1)
-        f = self._momentum_factor()
-        self.running_mean.mul_(1 - f).add_(mu.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1 - f).add_((var * m / (m - 1)).to(self.running_var.dtype), alpha=f)
 
     def forward(self, x):
         if not self.training and self.track_running_stats:
             return super().forward(x)  # running statistics: nothing to synchronize
         self._check(x)
+        in_dtype, p = x.dtype, self._param_dtype()
+        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32, as BatchNorm
+            x = x.to(p)
         with torch.no_grad():
             mu, var, m = sync_mean_var(x.detach(), self.process_group)
         if self.training and self.track_running_stats:
-            self._update_running_stats_from(mu, var, m)
-        return SyncBatchNormFunction.apply(x, self.weight, self.bias, mu, var, m, self.eps,
-                                           self.process_group)
+            self._update_running_averages(mu, var * m / (m - 1))  # unbiased, over all processes
+        out = SyncBatchNormFunction.apply(x, self.weight, self.bias, mu, var, m, self.eps, self.process_group)
+        return out.to(in_dtype)
 
 
 # --- the experiment of notebook 10, run in each process by bn_course.launch ---------------------

@@ -41,13 +41,16 @@ def check_input(x, where="input"):
 
 
 def check_params(x, gamma, beta, where="x"):
-    """gamma and beta (each may be None) must be tensors of shape (C,)."""
+    """gamma and beta (each may be None) must be tensors of shape (C,) with the dtype of x."""
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p is None:
             continue
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (C,) or None, got {type(p).__name__}.")
         check_channels(tuple(x.shape), tuple(p.shape), name, where)
+        if p.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {p.dtype} but {where} has dtype {x.dtype}; "
+                            f"convert one so that they match, e.g. {name}.to({x.dtype}).")
 
 
 def batchnorm_autograd(x, gamma, beta, eps=1e-5):
@@ -74,10 +77,14 @@ class BatchNormFunction(torch.autograd.Function):
         dgamma = sum(dout * x_hat)
         dx     = gamma * inv_std * (dout - dbeta / m - x_hat * dgamma / m)
 
-    ``gamma`` and ``beta`` may be ``None`` (no scale, no shift). Written for speed
-    as well as clarity: every statistic is one pass over x (``torch.var_mean`` over
-    several dims is ~10x slower on CPU), and temporaries that nothing else holds are
-    reused in place rather than allocated again.
+    ``gamma`` and ``beta`` may be ``None`` (no scale, no shift). ``stats``, when given a
+    dict, receives the batch's ``mu`` and biased ``var`` (each ``(C,)``) and ``m``, so that
+    the module can update its running averages without another pass over x.
+
+    Written for speed as well as clarity: each statistic is one plain reduction
+    (``torch.var_mean`` over several dims was several times slower on CPU when measured),
+    and temporaries that nothing else holds are reused in place rather than allocated
+    again: large fresh allocations cost as much as the arithmetic here.
     """
 
     @staticmethod

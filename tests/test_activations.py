@@ -74,6 +74,9 @@ def test_statistics_fields(batch):
     np.testing.assert_allclose(s.std[2], s.h[2].std(ddof=1), rtol=1e-4)
     t = init_statistics(x, y, depth=6, width=32, init_scale=1.0, activation="tanh", seed=0)
     assert np.all(t.dead == 0)
+    light = init_statistics(x, y, depth=6, width=32, init_scale=1.0, activation="relu", seed=0,
+                            keep_activations=False)
+    assert light.h == [] and np.array_equal(light.std, s.std) and np.array_equal(light.grad_rms, s.grad_rms)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 7])

@@ -252,3 +252,55 @@ def test_bad_input_is_rejected_clearly():
         GhostBatchNorm(4, ghost_batch_size=4)(torch.randn(9, 4))  # the last ghost batch has 1 sample
     with pytest.raises(ValueError, match="ghost_batch_size >= 1"):
         GhostBatchNorm(4, ghost_batch_size=0)
+
+
+# --- the experiments of notebook 09, other seeds ------------------------------------------------
+
+from bn_course.data import load_digits_split  # noqa: E402
+from bn_course.norms import batch_size_sweep, cnn_small_batch, hard_batches, replace_batchnorm  # noqa: E402
+
+SEEDS = [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    return load_digits_split()
+
+
+def test_replace_batchnorm():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    replace_batchnorm(model, lambda C: BatchRenorm(C))
+    assert isinstance(model[1], BatchRenorm) and isinstance(model[2][1], BatchRenorm)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batch_size_sweep_bn_collapses_at_batch_2(data, seed):
+    rows = batch_size_sweep(data, seeds=(seed,), batch_sizes=(2, 16, 128), progress=False)
+    acc = {(r["norm"], r["batch_size"]): r["final_accuracy"] for r in rows}
+    assert acc[("batch", 2)] < 0.7
+    assert acc[("batch", 2)] < acc[("layer", 2)] - 0.25 and acc[("batch", 2)] < acc[("group", 2)] - 0.25
+    assert min(acc[("layer", 2)], acc[("group", 2)]) > 0.8
+    for b in (16, 128):
+        assert abs(acc[("batch", b)] - acc[("layer", b)]) < 0.03 and abs(acc[("group", b)] - acc[("layer", b)]) < 0.03
+    best_large = max(acc[(n, 128)] for n in ("batch", "group", "layer"))
+    assert min(acc[("batch", b)] for b in (16, 128)) > best_large - 0.03
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cnn_hides_small_batches(data, seed):
+    run = cnn_small_batch(data, seed)
+    mlp_bn = batch_size_sweep(data, seeds=(seed,), batch_sizes=(2,), norms=("batch",), progress=False)[0]
+    assert run["values_per_channel"] == [128, 32]
+    assert run["accuracy"] > 0.75 and run["accuracy"] > mlp_bn["final_accuracy"] + 0.15
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_hard_batches(data, seed):
+    hard = hard_batches(data, seed)
+    assert hard[("renorm", "batch 2")] > hard[("batch", "batch 2")] + 0.08
+    assert hard[("renorm", "one class")] > hard[("batch", "one class")] + 0.15
+    for c in ("batch 2", "one class"):
+        assert hard[("group", c)] > hard[("renorm", c)] + 0.05
+    assert hard[("group", "one class")] > 0.9
+    assert min(hard[(n, "batch 4")] for n in ("batch", "renorm", "group")) > 0.85

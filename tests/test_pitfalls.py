@@ -99,7 +99,7 @@ def test_forgetting_eval(data, seed):
     assert r["train mode, batch 64"] > r["eval mode"] - 0.03
     assert r["train mode, batch 8"] < r["eval mode"] - 0.04
     assert r["train mode, batch 2"] < r["eval mode"] - 0.25
-    assert r["train mode, one class per batch"] < 0.3
+    assert r["train mode, one class per batch"] < 0.2
     assert "more than 1 value per channel" in r["batch 1 error"]
 
 
@@ -117,14 +117,14 @@ def test_non_iid_training(data, seed):
     for norm in ("none", "layer"):
         assert r[(norm, "one class")] > r[(norm, "shuffled")] - 0.05
     assert r[("batch", "shuffled")] > 0.93
-    assert r[("batch", "one class")] < 0.3
+    assert r[("batch", "one class")] < 0.2
 
 
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", SEEDS + [4, 5])
 def test_fine_tuning_shifted(data, seed):
     r = fine_tuning_shifted(data, seed)
-    assert r["statistics only"] > r["no fine-tuning"] + 0.02
-    assert r["BN live, batch 10"] > 0.9 and r["BN frozen, batch 10"] > 0.9
+    assert min(r["BN live, batch 10"], r["BN frozen, batch 10"]) > r["no fine-tuning"] + 0.015
+    assert r["statistics only"] >= max(r.values()) - 0.01
     assert r["BN frozen, batch 2"] > r["BN live, batch 2"] + 0.15
     assert r["BN live, batch 2"] < 0.7
 

@@ -348,6 +348,8 @@ def test_non_tensor_input_is_rejected():
 def test_mixed_float_dtypes_are_rejected():
     with pytest.raises(TypeError, match="dtype torch.float64 but the layer's parameters .* torch.float32"):
         BatchNorm(3)(torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="gamma has dtype torch.float64 but x has dtype torch.float32"):
+        BatchNormFunction.apply(torch.randn(4, 3), torch.ones(3, dtype=torch.float64), None, 1e-5)
 
 
 # ---- the experiments of notebook 04 (the classic bugs): its claims hold for other seeds -----
@@ -428,6 +430,7 @@ def test_bug3_zero_initial_running_variance_blows_up_early_evaluation(seed):
     assert len(std_right) == 51 and bn_right.training
     assert abs(std_right[0] - 1) < 0.1 and std_zero[0] > 100 * std_right[0]
     assert std_zero[5] > 1.3 * std_right[5] and std_zero[50] < 1.05 * std_right[50]
+    assert float((bn_right.running_var - bn_zero.running_var - 0.9 ** 50).abs().max()) < 1e-12
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -446,6 +449,68 @@ def test_bug5_normalizing_over_the_batch_only_erases_the_common_pattern(seed):
     right = torch_bn.pattern_left_after(lambda x: normalize_over(x, (0, 2, 3)), images)
     wrong = torch_bn.pattern_left_after(lambda x: normalize_over(x, (0,)), images)
     assert float(right.min()) > 0.5 and float(wrong.max()) < 1e-10
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_conv_bn_relu_block_claims(seed):
+    """Notebook 04, section 4: per-channel statistics of Conv2d -> BatchNorm2d -> ReLU."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(32, 3, 8, 8, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 2.0, 0.5], dtype=torch.float64).reshape(1, 3, 1, 1)
+    torch.manual_seed(seed)
+    conv, bn = nn.Conv2d(3, 16, 3, padding=1).double(), BatchNorm(16, dtype=torch.float64)
+    conv_out = conv(images)
+    bn_out = bn(conv_out)
+    with torch.no_grad():
+        before_mean = conv_out.mean((0, 2, 3))
+        after_mean, after_std = bn_out.mean((0, 2, 3)), bn_out.std((0, 2, 3), correction=0)
+        zero_fraction = (torch.relu(bn_out) == 0).double().mean((0, 2, 3))
+        zero_fraction_without_bn = (torch.relu(conv_out) == 0).double().mean((0, 2, 3))
+    assert float(before_mean.max() - before_mean.min()) > 0.05
+    assert float(after_mean.abs().max()) < 1e-10 and float((after_std - 1).abs().max()) < 1e-2
+    assert 0.2 < float(zero_fraction.min()) and float(zero_fraction.max()) < 0.8
+    assert float(zero_fraction_without_bn.max() - zero_fraction_without_bn.min()) > 0.7
+    torch.testing.assert_close(bn.running_mean, 0.1 * before_mean)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float32_finite_differences_are_too_coarse_for_gradcheck(seed):
+    """Notebook 04, section 2: the finite difference is far off in float32, close in float64."""
+    errors = {}
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.randn(16, 5, generator=g, dtype=dtype) * 3 + 2).requires_grad_(True)
+        gamma, beta, w = torch.randn(5, generator=g, dtype=dtype), torch.randn(5, generator=g, dtype=dtype), \
+            torch.randn(16, 5, generator=g, dtype=dtype)
+        loss = lambda x: (BatchNormFunction.apply(x, gamma, beta, 1e-5) * w).sum()
+        loss(x).backward()
+        worst = 0.0
+        with torch.no_grad():
+            for i in range(5):
+                step = torch.zeros_like(x)
+                step[i, i] = 1e-6
+                worst = max(worst, float(((loss(x + step) - loss(x - step)) / 2e-6 - x.grad[i, i]).abs()))
+        errors[dtype] = worst
+    assert errors[torch.float32] > 1e-3 and errors[torch.float64] < 1e-6
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_detached_gradient_no_longer_sums_to_zero(seed):
+    g = torch.Generator().manual_seed(seed)
+    x, dout = torch.randn(16, 5, generator=g, dtype=torch.float64) * 3 + 2, torch.randn(16, 5, generator=g, dtype=torch.float64)
+    sums = []
+    for fn in (lambda z: normalize_over(z, (0,)), batchnorm_detached):
+        x_in = x.clone().requires_grad_(True)
+        fn(x_in).backward(dout)
+        sums.append(float(x_in.grad.sum(dim=0).abs().max()))
+    assert sums[0] < 1e-10 and sums[1] > 1e-2
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_normalizing_each_example_leaves_the_feature_means(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 5, generator=g, dtype=torch.float64) * 3 + 2 + 3 * torch.arange(5, dtype=torch.float64)
+    assert float(normalize_over(x, (1,)).mean(dim=0).abs().max()) > 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

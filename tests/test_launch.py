@@ -1,0 +1,119 @@
+"""bn_course.launch: N gloo processes from a test or a notebook, with deadlines and clean-up."""
+
+import os
+import tempfile
+import time
+
+import pytest
+
+from bn_course import launch
+
+
+# Workers must be importable by name in a fresh interpreter: top-level functions of this module.
+
+def worker_rank_and_sum(rank, world_size, scale):
+    """Each rank returns its rank and the all-reduced sum of (rank + 1) * scale."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(rank + 1) * scale])
+    dist.all_reduce(t)
+    return rank, float(t)
+
+
+def worker_hangs(rank, world_size):
+    time.sleep(600)
+
+
+def worker_crashes(rank, world_size):
+    if rank == 0:
+        print("about to crash", flush=True)
+        os._exit(7)  # no exception, no result: like a segfault or an OOM kill
+    time.sleep(600)
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path, monkeypatch):
+    """Each test's rendezvous folders go to its own tmp dir, so we can check they are deleted."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    yield tmp_path
+    assert launch.live_processes() == 0, "a launched process outlived its launch() call"
+    assert not list(tmp_path.glob("bn_course_launch_*")), "the launch folder was not deleted"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_results_come_back_in_rank_order(world_size):
+    results = launch.launch(worker_rank_and_sum, world_size, args=(10.0,), timeout=120)
+    total = 10.0 * world_size * (world_size + 1) / 2
+    assert results == [(rank, total) for rank in range(world_size)]
+
+
+def test_a_failing_rank_is_reported_with_its_traceback_and_no_hang():
+    start = time.monotonic()
+    with pytest.raises(launch.WorkerError) as info:
+        launch.launch(launch.demo_rank_fails, 2, args=(1,), timeout=120)
+    message = str(info.value)
+    assert "rank 1 of 2 raised" in message
+    assert "failed on purpose" in message  # the worker's own traceback
+    assert time.monotonic() - start < 100  # long before the deadline
+
+
+def test_a_crashed_rank_is_reported_with_its_exit_code_and_output():
+    with pytest.raises(launch.WorkerError) as info:
+        launch.launch(worker_crashes, 2, timeout=120)
+    message = str(info.value)
+    assert "rank 0 of 2 exited with code 7" in message
+    assert "about to crash" in message
+
+
+def test_a_hang_ends_at_the_deadline():
+    start = time.monotonic()
+    with pytest.raises(launch.LaunchTimeout) as info:
+        launch.launch(worker_hangs, 2, timeout=3)
+    assert "did not finish within 3 s" in str(info.value)
+    assert time.monotonic() - start < 30
+
+
+def test_processes_are_stopped_when_the_caller_is_interrupted(monkeypatch):
+    def interrupted(processes, workdir, timeout):
+        assert all(p.poll() is None for p in processes)  # they are running ...
+        raise KeyboardInterrupt  # ... when the cell is interrupted
+
+    monkeypatch.setattr(launch, "_collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        launch.launch(worker_hangs, 2, timeout=120)
+    # the fixture checks that nothing is left running and the folder is gone
+
+
+def test_lambdas_and_nested_functions_are_refused():
+    def nested(rank, world_size):
+        return rank
+
+    for fn in (lambda rank, world_size: rank, nested):
+        with pytest.raises(ValueError, match="not in a notebook cell, a lambda or a nested function"):
+            launch.launch(fn, 2)
+
+
+def test_something_that_is_not_a_function_is_refused():
+    with pytest.raises(TypeError, match="needs a function"):
+        launch.launch(42, 2)
+
+
+def test_a_function_from_a_notebook_cell_is_refused():
+    def cell_function(rank, world_size):
+        return rank
+
+    cell_function.__module__ = "__main__"
+    with pytest.raises(ValueError, match="importable .py module"):
+        launch.launch(cell_function, 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"world_size": 0}, "world_size must be a positive int"),
+    ({"world_size": 2.0}, "world_size must be a positive int"),
+    ({"timeout": 0}, "timeout must be a positive number"),
+    ({"args": (lambda: 0,)}, "args must be picklable"),
+])
+def test_bad_arguments_get_clear_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        launch.launch(worker_rank_and_sum, **kwargs)

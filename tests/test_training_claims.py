@@ -1,0 +1,118 @@
+"""The conclusions of notebook 05_training_with_batchnorm hold for other seeds, at reduced size.
+
+Each test reruns one of the notebook's experiment functions (bn_course.sweep) with seeds the
+notebook does not use, on a smaller grid or for fewer steps, and checks the same conclusion the
+notebook asserts. A claim that only held for the notebook's seeds would fail here.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bn_course.sweep import (cnn_run, depth_profile, figure1_run, good_range, median_shift, relu_mlp_run,
+                             run_grid, select, spread_change)
+
+OTHER_SEEDS = (3, 4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_spread_change_and_median_shift_measure_what_they_say():
+    # (records, 3, units): unit 0 doubles its width, unit 1 keeps it and moves its median by half its
+    # width, unit 2 shrinks to a quarter of its width
+    v = torch.tensor([[[-1.0, -1.0, -1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+                      [[-2.0, 0.0, -0.25], [0.0, 1.0, 0.0], [2.0, 2.0, 0.25]]])
+    assert spread_change(v) == pytest.approx(2.0)  # median of 2, 1 and 4
+    assert median_shift(v) == pytest.approx(0.0)  # median of 0, 0.5 and 0
+    assert median_shift(v[:, :, 1:2]) == pytest.approx(0.5)
+
+
+def test_figure1_bn_is_five_times_faster_and_its_inputs_stay_put():
+    rows = run_grid(lambda norm, seed: figure1_run(norm, seed, steps=400, track_every=100),
+                    {"norm": ["none", "batch"]}, seeds=OTHER_SEEDS, progress=False)
+    bn, plain = select(rows, norm="batch"), select(rows, norm="none")
+    slowest_bn = max(r["steps_to_90"] for r in bn)
+    fastest_without = min(r["steps_to_90"] or math.inf for r in plain)  # None: not within 400 steps
+    assert slowest_bn * 5 <= fastest_without
+    assert max(r["spread_change"] for r in bn) < 2.5
+    assert min(r["spread_change"] for r in plain) > 20 * max(r["spread_change"] for r in bn)
+    assert max(r["median_shift"] for r in bn) < 0.2 < 0.4 < min(r["median_shift"] for r in plain)
+
+
+def test_bn_raises_the_largest_good_learning_rate():
+    lrs = [0.1, 0.3, 1.0, 3.0]
+    rows = run_grid(relu_mlp_run, {"depth": [2, 8], "norm": ["none", "batch"], "lr": lrs},
+                    seeds=OTHER_SEEDS, progress=False)
+    for depth in (2, 8):
+        good_bn = good_range(select(rows, depth=depth, norm="batch"))
+        good_none = good_range(select(rows, depth=depth, norm="none"))
+        assert max(good_bn) / max(good_none) > 2.9, (depth, good_bn, good_none)
+        assert len(good_bn) > len(good_none), (depth, good_bn, good_none)
+    assert all(r["diverged"] for r in select(rows, depth=8, norm="none") if r["lr"] >= 1.0)
+    assert not any(r["diverged"] for r in select(rows, norm="batch"))
+
+
+def test_bn_gains_nothing_at_a_small_learning_rate():
+    rows = run_grid(relu_mlp_run, {"depth": [2, 8], "norm": ["none", "batch"], "lr": [0.01]},
+                    seeds=OTHER_SEEDS, progress=False)
+    small = {n: np.mean([r["final_accuracy"] for r in select(rows, norm=n)]) for n in ("none", "batch")}
+    assert small["batch"] < small["none"] + 0.03
+
+
+def test_bn_is_insensitive_to_the_init_scale():
+    scales = [0.1, 0.3, 1.0, 3.0, 10.0]
+    rows = run_grid(lambda init_scale, norm, seed: relu_mlp_run(0.1, 4, norm, seed, init_scale=init_scale),
+                    {"norm": ["none", "batch"], "init_scale": scales}, seeds=OTHER_SEEDS, progress=False)
+    good_none = good_range(select(rows, norm="none"), x="init_scale")
+    good_bn = good_range(select(rows, norm="batch"), x="init_scale")
+    assert set(good_none) <= {1.0, 3.0} and {0.1, 0.3, 1.0, 3.0} <= set(good_bn)
+    assert min(r["best_accuracy"] for r in select(rows, norm="batch")) > 0.75
+    assert max(r["best_accuracy"] for r in select(rows, norm="none") if r["init_scale"] <= 0.3) < 0.3
+
+
+@pytest.mark.parametrize("seed", OTHER_SEEDS)
+def test_depth_profiles_at_initialization(seed):
+    for depth in (8, 32):
+        default = depth_profile(depth, "none", seed)
+        he = depth_profile(depth, "none", seed, init_scale=math.sqrt(2))
+        bn = depth_profile(depth, "batch", seed)
+        assert default["activation_ratio"] < 0.3 and default["gradient_growth"] < 1e-2
+        assert 0.8 < bn["activation_ratio"] < 1.25 and bn["gradient_growth"] > 2
+        assert he["gradient_growth"] < 3 and he["activation_ratio"] > 0.1
+    assert bn["gradient_growth"] > 50 and default["gradient_growth"] < 1e-6  # depth 32
+
+
+def test_cnn_with_bn_is_twice_as_fast():
+    rows = run_grid(cnn_run, {"norm": ["none", "batch"]}, seeds=OTHER_SEEDS, progress=False)
+    slowest_bn = max(r["steps_to_90"] for r in select(rows, norm="batch"))
+    fastest_without = min(r["steps_to_90"] or math.inf for r in select(rows, norm="none"))
+    assert 2 * slowest_bn <= fastest_without
+    assert min(r["final_accuracy"] for r in select(rows, norm="batch")) > \
+        max(r["final_accuracy"] for r in select(rows, norm="none"))
+
+
+def _best_steps(rows, norm, seed):
+    return min((r["steps_to_90"] for r in select(rows, norm=norm, seed=seed) if r["steps_to_90"]), default=math.inf)
+
+
+def test_momentum_narrows_the_gap():
+    seeds = (2, 3)  # the notebook uses 0 and 1
+    plain = run_grid(lambda lr, norm, seed: relu_mlp_run(lr, 8, norm, seed),
+                     {"norm": ["none", "batch"], "lr": [0.1, 0.3, 1.0]}, seeds=seeds, progress=False)
+    momentum = run_grid(lambda lr, norm, seed: relu_mlp_run(lr, 8, norm, seed, momentum=0.9),
+                        {"norm": ["none", "batch"], "lr": [0.01, 0.03, 0.1]}, seeds=seeds, progress=False)
+    speedup = {(name, s): _best_steps(rows, "none", s) / _best_steps(rows, "batch", s)
+               for name, rows in (("plain", plain), ("momentum", momentum)) for s in seeds}
+    assert all(speedup[("plain", s)] > speedup[("momentum", s)] for s in seeds), speedup
+    assert all(speedup[("plain", s)] >= 1.5 for s in seeds), speedup
+    mean = {name: np.mean([speedup[(name, s)] for s in seeds]) for name in ("plain", "momentum")}
+    assert mean["plain"] > 1.2 * mean["momentum"], speedup
+    assert all(_best_steps(momentum, "batch", s) >= _best_steps(plain, "batch", s) for s in seeds)
