@@ -92,6 +92,8 @@ CLAIMS = (
         statement="BN regularizes: it improves generalization (a smaller train/test gap).",
         kind="benefit",
         notebook="07_regularization_and_noise",
+        section="Does BN shrink the train/test gap?",
+        verdict="contested",
     ),
     # --- why it works (05, 06) ---------------------------------------------------------------
     Claim(
@@ -138,6 +140,8 @@ CLAIMS = (
                   "regularizers such as dropout.",
         kind="limitation",
         notebook="07_regularization_and_noise",
+        section="Does BN shrink the train/test gap?",
+        verdict="confirmed",
     ),
     Claim(
         id="dropout_before_bn_shift",
@@ -145,6 +149,8 @@ CLAIMS = (
                   "and costs accuracy.",
         kind="limitation",
         notebook="07_regularization_and_noise",
+        section="Dropout and BN: the variance shift",
+        verdict="contested",
     ),
     Claim(
         id="noisy_labels_memorized",
@@ -152,6 +158,8 @@ CLAIMS = (
                   "stopping) is what protects it.",
         kind="limitation",
         notebook="07_regularization_and_noise",
+        section="Noisy labels: BN still memorizes",
+        verdict="confirmed",
     ),
     Claim(
         id="train_eval_mismatch",

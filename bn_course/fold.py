@@ -25,13 +25,13 @@ import time
 import torch
 from torch import nn
 
+from bn_course.torch_bn import BatchNorm
+
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _is_batchnorm(module):
     """nn.BatchNorm1d/2d/3d, or the course's own bn_course.torch_bn.BatchNorm."""
-    from bn_course.torch_bn import BatchNorm
-
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))
 
 

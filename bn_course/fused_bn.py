@@ -71,10 +71,19 @@ def compiled(fn):
 
 
 def _run(fn, use_compile, *args):
+    """fn(*args), through its compiled version when ``use_compile``."""
     if not use_compile:
         return fn(*args)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        return compiled(fn)(*args)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return compiled(fn)(*args)
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
+        raise RuntimeError(
+            f"torch.compile could not build the fused batch norm on this machine ({type(err).__name__}). "
+            "On a CPU it needs a working C++ compiler (gcc, clang or MSVC); on a GPU, Triton. "
+            "FusedBatchNorm(..., compile=False) runs the same functions without compiling. "
+            f"The compiler said:\n{str(err)[:2000]}"
+        ) from err
 
 
 class FusedBatchNormFunction(torch.autograd.Function):

@@ -213,7 +213,7 @@ def dropout_experiment(where, seed=0, p=0.5, steps=1000, lr=0.1, hidden=(100, 10
     Returns a dict: ``accuracy`` (test, evaluation mode, the running statistics of training),
     ``accuracy_recalibrated`` (test, after every BN's statistics are recomputed with dropout off,
     ``bn_course.pitfalls.precise_bn_stats``: what the variance shift cost), ``ratios`` (one
-    :func:`variance_shift` ratio per BN layer, on the training set) and ``history``.
+    :func:`variance_shift` ratio per BN layer, on the training set), ``history`` and the trained ``model``.
     """
     from bn_course import seed_everything
     from bn_course.data import load_digits_split
@@ -230,7 +230,7 @@ def dropout_experiment(where, seed=0, p=0.5, steps=1000, lr=0.1, hidden=(100, 10
     recalibrated = precise_bn_stats(copy.deepcopy(model), data.x_train)
     return {"accuracy": history.final_accuracy,
             "accuracy_recalibrated": evaluate(recalibrated, data.x_test, data.y_test)[1],
-            "ratios": ratios, "history": history}
+            "ratios": ratios, "history": history, "model": model}
 
 
 def label_noise_experiment(seed=0, fraction=0.4, steps=2000, lr=0.1, hidden=(128, 128, 128), n_val=300,
@@ -240,7 +240,7 @@ def label_noise_experiment(seed=0, fraction=0.4, steps=2000, lr=0.1, hidden=(128
     A ``fraction`` of the training labels is replaced by a wrong class (:func:`noisy_labels`);
     ``n_val`` of those noisy examples are held out for validation (their labels are noisy too,
     as they would be in practice). The test labels are clean.
-    Returns a dict: ``history``, ``tracker`` (:class:`ValidationTracker`, every ``every`` steps),
+    Returns a dict: ``history`` and ``tracker`` (:class:`ValidationTracker`), both evaluated every ``every`` steps,
     ``train_accuracy`` (final, on the noisy training labels), ``memorized`` (fraction of the
     flipped training examples predicted as their *wrong* label at the end),
     ``final_test_accuracy``, ``best_test_accuracy``, ``early_stop_step`` and
@@ -259,7 +259,7 @@ def label_noise_experiment(seed=0, fraction=0.4, steps=2000, lr=0.1, hidden=(128
     model = mlp(hidden=hidden, norm="batch")
     tracker = ValidationTracker(model, x_val, y_val, every=every, x_test=data.x_test, y_test=data.y_test)
     history = train(model, part, steps, lr, seed=seed, device=device, progress=progress,
-                    callback=tracker, eval_every=max(1, steps // 20))
+                    callback=tracker, eval_every=every)
     _, keep = holdout_rows(int(data.x_train.shape[0]), n_val, seed)
     keep = keep.to(flipped.device)
     wrong = keep[flipped[keep]]  # training rows (not held out) whose label was flipped

@@ -168,16 +168,19 @@ def _try_torch_sync_batchnorm(x, num_features):
         return {"out": None, "error": f"{type(err).__name__}: {err}"}
 
 
-def sync_bn_demo(rank, world_size, batches, gamma, beta, momentum=0.1):
+def sync_bn_demo(rank, world_size, batches, gamma, beta, momentum=0.1, per_process=True):
     """Worker for ``bn_course.launch``: the same steps with synchronized and with per-process BN.
 
     batches: list of (x_full, dout_full), the *whole* batch (identical on every rank; each
     rank takes its shard). gamma, beta: (C,). Returns a dict of this rank's results:
-    ``sync`` and ``local`` (see ``_one_run``) and ``torch_sync`` (what torch.nn.SyncBatchNorm did).
+    ``sync`` and ``local`` (see ``_one_run``; ``local`` only if ``per_process``, which needs
+    more than one value per channel in each shard) and ``torch_sync`` (what
+    torch.nn.SyncBatchNorm did with this rank's first shard).
     """
     C = gamma.numel()
     results = {}
-    for name, cls in [("sync", SyncBatchNorm), ("local", BatchNorm)]:
+    variants = [("sync", SyncBatchNorm)] + ([("local", BatchNorm)] if per_process else [])
+    for name, cls in variants:
         module = cls(C, momentum=momentum, dtype=gamma.dtype)
         with torch.no_grad():
             module.weight.copy_(gamma)

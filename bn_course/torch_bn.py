@@ -180,12 +180,14 @@ class BatchNorm(nn.Module):
             self.register_buffer("num_batches_tracked", None)
 
     def reset_running_stats(self):
+        """Back to PyTorch's initial statistics: mean 0, variance 1, no batches seen."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self):
+        """Initial statistics, and gamma = 1, beta = 0: the layer starts as a plain normalization."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)

@@ -138,6 +138,17 @@ def test_channels_last_input_matches_pytorch():
         torch.testing.assert_close(ga, gb)
 
 
+def test_reset_matches_pytorch():
+    for options in (dict(), dict(bias=False), dict(affine=False, track_running_stats=False)):
+        ours, theirs = make_pair(4, torch.float64, **options)
+        run_and_compare(ours, theirs, 4, torch.float64, seed=0)
+        ours.reset_running_stats(), theirs.reset_running_stats()
+        assert_same_state(ours, theirs, TOL[torch.float64])
+        ours.reset_parameters(), theirs.reset_parameters()
+        assert_same_state(ours, theirs, TOL[torch.float64])
+        assert ours.weight is None or bool((ours.weight == 1).all())
+
+
 def test_momentum_none_is_the_cumulative_average_of_batch_statistics():
     bn = BatchNorm(3, momentum=None, dtype=torch.float64)
     xs = [batch(4, torch.float64, seed) for seed in range(5)]
@@ -415,7 +426,10 @@ def test_bug2_reversed_momentum_makes_the_running_mean_follow_the_last_batch(see
     batches = torch_bn.make_batches(steps=200, batch_size=16, C=16, mean=3.0, var=4.0, seed=seed)
     mean_right, _ = torch_bn.track_running_stats(update_running, batches, momentum=0.1)
     mean_reversed, _ = torch_bn.track_running_stats(update_running_reversed, batches, momentum=0.1)
-    assert float(mean_reversed[100:].std(dim=0).mean()) > 2.5 * float(mean_right[100:].std(dim=0).mean())
+    wobble_right, wobble_reversed = (float(m[100:].std(dim=0).mean()) for m in (mean_right, mean_reversed))
+    assert wobble_reversed > 2.5 * wobble_right
+    theory_right, theory_reversed = (0.5 * (alpha / (2 - alpha)) ** 0.5 for alpha in (0.1, 0.9))
+    assert 0.7 < wobble_right / theory_right < 1.2 and 0.85 < wobble_reversed / theory_reversed < 1.15
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -57,6 +57,7 @@ def test_bn_raises_the_largest_good_learning_rate():
         assert max(good_bn) / max(good_none) > 2.9, (depth, good_bn, good_none)
         assert len(good_bn) > len(good_none), (depth, good_bn, good_none)
     assert all(r["diverged"] for r in select(rows, depth=8, norm="none") if r["lr"] >= 1.0)
+    assert all(r["diverged"] for r in select(rows, depth=2, norm="none") if r["lr"] >= 3.0)
     assert not any(r["diverged"] for r in select(rows, norm="batch"))
 
 
@@ -88,6 +89,8 @@ def test_depth_profiles_at_initialization(seed):
         assert 0.8 < bn["activation_ratio"] < 1.25 and bn["gradient_growth"] > 2
         assert he["gradient_growth"] < 3 and he["activation_ratio"] > 0.1
     assert bn["gradient_growth"] > 50 and default["gradient_growth"] < 1e-6  # depth 32
+    growth = [depth_profile(d, "batch", seed)["gradient_growth"] for d in (2, 4, 8, 16)]
+    assert all(a < b for a, b in zip(growth, growth[1:])) and growth[2] < 10
 
 
 def test_cnn_with_bn_is_twice_as_fast():

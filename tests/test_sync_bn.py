@@ -1,0 +1,153 @@
+"""bn_course.sync_bn: synchronized BN over gloo processes equals one process with the whole batch."""
+
+import pytest
+import torch
+
+from bn_course import launch, sync_bn
+from bn_course.torch_bn import BatchNorm
+
+
+def make_case(seed, N=8, C=3, spatial=(4, 4), steps=2, dtype=torch.float64, offset=1.0, **options):
+    """The notebook's experiment for any seed: keyword arguments of sync_bn.sync_bn_demo."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn((N, C) + spatial, generator=g, dtype=dtype) * 2 + offset,
+                torch.randn((N, C) + spatial, generator=g, dtype=dtype)) for _ in range(steps)]
+    gamma = torch.rand(C, generator=g, dtype=dtype) + 0.5
+    beta = torch.randn(C, generator=g, dtype=dtype)
+    return dict(batches=batches, gamma=gamma, beta=beta, **options)
+
+
+def several_cases(rank, world_size, cases):
+    """Worker: sync_bn_demo for each case, all in one launch (starting processes is the slow part)."""
+    return [sync_bn.sync_bn_demo(rank, world_size, **case) for case in cases]
+
+
+def compare(per_rank_per_case, cases):
+    """(max_differences of synchronized BN, of per-process BN or None, the raw results) per case."""
+    out = []
+    for k, case in enumerate(cases):
+        per_rank = [r[k] for r in per_rank_per_case]
+        reference = sync_bn.single_process_reference(case["batches"], case["gamma"], case["beta"],
+                                                     case.get("momentum", 0.1))
+        local = (sync_bn.max_differences([r["local"] for r in per_rank], reference)
+                 if "local" in per_rank[0] else None)
+        out.append((sync_bn.max_differences([r["sync"] for r in per_rank], reference), local, per_rank))
+    return out
+
+
+# The notebook's claim, with other seeds and options, in two gloo processes (one launch for all).
+TWO_PROCESS_CASES = [make_case(seed) for seed in (1, 2, 3, 4)] + [
+    make_case(5, momentum=None),                              # cumulative average
+    make_case(6, N=2, spatial=(), per_process=False),         # (N, C) input, 1 sample per process
+    make_case(7, spatial=(2, 3, 2)),                          # 5-D input
+    make_case(8, offset=1e4),                                 # large offset: two-pass variance needed
+]
+
+
+@pytest.fixture(scope="module")
+def two_process_results():
+    per_rank = launch.launch(several_cases, 2, args=(TWO_PROCESS_CASES,), timeout=180)
+    return compare(per_rank, TWO_PROCESS_CASES)
+
+
+@pytest.mark.parametrize("k", range(len(TWO_PROCESS_CASES)))
+def test_two_processes_of_4_equal_one_process_of_8(two_process_results, k):
+    sync_diff, local_diff, per_rank = two_process_results[k]
+    assert max(sync_diff.values()) < 1e-6, sync_diff  # outputs, dx, dgamma, dbeta, running stats
+    assert all(r["sync"]["num_batches_tracked"] == 2 for r in per_rank)
+
+
+@pytest.mark.parametrize("k", range(4))  # the notebook's set-up (N=8, 4x4), seeds 1-4
+def test_per_process_bn_does_not(two_process_results, k):
+    _, local_diff, _ = two_process_results[k]
+    for key in ("out", "dx", "dgamma", "running_var"):
+        assert local_diff[key] > 1e-3, (key, local_diff)  # the notebook's margins, for other seeds
+    assert local_diff["running_mean"] > 1e-5, local_diff
+    assert local_diff["dbeta"] < 1e-9  # sum(dL/dy) does not involve the statistics
+
+
+def test_torch_sync_batchnorm_refuses_cpu_tensors(two_process_results):
+    for r in two_process_results[0][2]:
+        assert r["torch_sync"]["out"] is None
+        assert "SyncBatchNorm expected input tensor to be on GPU" in r["torch_sync"]["error"]
+
+
+def test_three_processes_with_unequal_shards_and_float32():
+    cases = [make_case(11),  # 8 samples over 3 processes: shards of 3, 3, 2
+             make_case(12, dtype=torch.float32)]
+    results = compare(launch.launch(several_cases, 3, args=(cases,), timeout=180), cases)
+    assert [len(r["sync"]["out"]) for r in results[0][2]] == [3, 3, 2]
+    assert max(results[0][0].values()) < 1e-6, results[0][0]
+    assert max(results[1][0].values()) < 1e-4, results[1][0]  # float32 round-off
+
+
+# Without torch.distributed (or with one process) every all-reduce is a no-op.
+
+def test_without_a_process_group_it_is_batchnorm():
+    assert sync_bn.world_size() == 1
+    batches = make_case(0)["batches"]
+    for options in [{}, {"momentum": None}, {"affine": False}, {"bias": False}, {"track_running_stats": False}]:
+        sync = sync_bn.SyncBatchNorm(3, dtype=torch.float64, **options)
+        plain = BatchNorm(3, dtype=torch.float64, **options)
+        plain.load_state_dict(sync.state_dict())
+        for x, dout in batches:
+            x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            out1, out2 = sync(x1), plain(x2)
+            out1.backward(dout)
+            out2.backward(dout)
+            torch.testing.assert_close(out1, out2)
+            torch.testing.assert_close(x1.grad, x2.grad)
+        for (n1, t1), (n2, t2) in zip(sync.state_dict().items(), plain.state_dict().items()):
+            assert n1 == n2
+            torch.testing.assert_close(t1, t2)
+        for p1, p2 in zip(sync.parameters(), plain.parameters()):
+            torch.testing.assert_close(p1.grad, p2.grad)
+        sync.eval()
+        plain.eval()
+        torch.testing.assert_close(sync(batches[0][0]), plain(batches[0][0]))
+
+
+def test_sync_batchnorm_function_matches_the_module():
+    case = make_case(3)
+    x, gamma, beta = case["batches"][0][0], case["gamma"], case["beta"]
+    module = sync_bn.SyncBatchNorm(3, dtype=torch.float64)
+    with torch.no_grad():
+        module.weight.copy_(gamma)
+        module.bias.copy_(beta)
+    torch.testing.assert_close(sync_bn.sync_batchnorm(x, gamma, beta), module(x))
+
+
+def test_gradcheck_in_float64():
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    beta = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g, b: sync_bn.sync_batchnorm(x, g, b), (x, gamma, beta))
+
+
+def test_bad_input_gets_clear_errors():
+    layer = sync_bn.SyncBatchNorm(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="channel count must equal num_features=3"):
+        layer(torch.randn(4, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        layer(torch.randn(3))
+
+
+def test_the_notebooks_per_process_margins_hold_for_many_seeds():
+    """Per-process BN needs no process group, so the notebook's margins can be checked for 50 seeds here."""
+    for seed in range(50):
+        case = make_case(100 + seed)
+        per_rank = []
+        for rank in range(2):
+            layer = BatchNorm(3, dtype=torch.float64)
+            with torch.no_grad():
+                layer.weight.copy_(case["gamma"])
+                layer.bias.copy_(case["beta"])
+            per_rank.append(sync_bn._one_run(layer, case["batches"], rank, 2))
+        reference = sync_bn.single_process_reference(case["batches"], case["gamma"], case["beta"])
+        local_diff = sync_bn.max_differences(per_rank, reference)
+        assert min(local_diff[k] for k in ("out", "dx", "dgamma", "running_var")) > 1e-3, (seed, local_diff)
+        assert local_diff["running_mean"] > 1e-5, (seed, local_diff)
