@@ -26,7 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_course import seed_everything
+from bn_course.data import load_digits_split
 from bn_course.fold import _is_batchnorm
+from bn_course.models import mlp
+from bn_course.train import train
 
 WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -241,8 +245,6 @@ def input_drift(means, stds):
 
 
 def _digits(data, device):
-    from bn_course.data import load_digits_split
-
     return load_digits_split(device=device) if data is None else data
 
 
@@ -255,10 +257,6 @@ def ics_during_training(norm, seed=0, steps=600, lr=0.1, every=50, hidden=(100, 
     Returns a dict: ``steps`` (T,), ``layers`` (L names), ``rel_diff``, ``cosine``, ``diff_norm``
     (each a (T, L) tensor) and ``history`` (the training History).
     """
-    from bn_course import seed_everything
-    from bn_course.models import mlp
-    from bn_course.train import train
-
     data = _digits(data, device)
     seed_everything(seed)
     model = mlp(hidden=hidden, activation=activation, norm=norm)
@@ -294,10 +292,6 @@ def noisy_bn_experiment(variant, seed=0, steps=600, lr=0.1, max_shift=1.0, max_s
     Returns a dict: ``history`` and ``drift`` (:func:`input_drift` of the probe layer's input over
     all training steps), plus ``means`` (T, C) of that input, for plots.
     """
-    from bn_course import seed_everything
-    from bn_course.models import mlp
-    from bn_course.train import train
-
     if variant not in NOISE_VARIANTS:
         raise ValueError(f"variant must be one of {NOISE_VARIANTS}, got {variant!r}.")
     data = _digits(data, device)

@@ -24,8 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from bn_course import seed_everything
+from bn_course.data import load_digits_split
 from bn_course.fold import _is_batchnorm
-from bn_course.train import evaluate
+from bn_course.models import mlp
+from bn_course.pitfalls import precise_bn_stats
+from bn_course.train import evaluate, train
 
 DROPOUT_PLACES = ("none", "before_bn", "after_bn")
 
@@ -191,11 +195,6 @@ def gap_experiment(norm, seed=0, n_train=200, steps=600, lr=0.1, batch_size=60, 
     Returns a dict: ``train_accuracy``, ``test_accuracy`` (at the end, evaluation mode),
     ``gap`` = their difference, and ``history``.
     """
-    from bn_course import seed_everything
-    from bn_course.data import load_digits_split
-    from bn_course.models import mlp
-    from bn_course.train import train
-
     data = load_digits_split(seed=seed, n_train=n_train, device=device)
     seed_everything(seed)
     model = mlp(hidden=hidden, norm=norm)
@@ -215,12 +214,6 @@ def dropout_experiment(where, seed=0, p=0.5, steps=1000, lr=0.1, hidden=(100, 10
     ``bn_course.pitfalls.precise_bn_stats``: what the variance shift cost), ``ratios`` (one
     :func:`variance_shift` ratio per BN layer, on the training set), ``history`` and the trained ``model``.
     """
-    from bn_course import seed_everything
-    from bn_course.data import load_digits_split
-    from bn_course.models import mlp
-    from bn_course.pitfalls import precise_bn_stats
-    from bn_course.train import train
-
     data = load_digits_split(device=device)
     seed_everything(seed)
     model = with_dropout(mlp(hidden=hidden, norm="batch"), p, where)
@@ -246,11 +239,6 @@ def label_noise_experiment(seed=0, fraction=0.4, steps=2000, lr=0.1, hidden=(128
     ``final_test_accuracy``, ``best_test_accuracy``, ``early_stop_step`` and
     ``early_stop_test_accuracy`` (test accuracy at the step with the best validation accuracy).
     """
-    from bn_course import seed_everything
-    from bn_course.data import load_digits_split
-    from bn_course.models import mlp
-    from bn_course.train import train
-
     data = load_digits_split(device=device)
     y_noisy, flipped = noisy_labels(data.y_train, fraction, seed=seed)
     data.y_train = y_noisy

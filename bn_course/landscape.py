@@ -26,8 +26,11 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from bn_course import seed_everything
 from bn_course.covariate_shift import WEIGHT_LAYER_TYPES, _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
+from bn_course.models import mlp
+from bn_course.train import train
 
 
 def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
@@ -179,7 +182,6 @@ def predicted_norm_growth(norm_sq, lr, grad_norm):
     return norm_sq + lr ** 2 * grad_norm ** 2
 
 
-
 def landscape_during_training(norm, seed=0, steps=600, lr=0.1, every=50, step_factors=(0.5, 1, 2, 4),
                               hidden=(100, 100, 100), activation="relu", data=None, device=None,
                               progress=False):
@@ -189,10 +191,6 @@ def landscape_during_training(norm, seed=0, steps=600, lr=0.1, every=50, step_fa
     ``lr * f`` for f in ``step_factors``. Returns a dict: ``steps`` (T,), ``loss_range``,
     ``max_grad_change``, ``smoothness``, ``grad_norm`` (each (T,) tensors) and ``history``.
     """
-    from bn_course import seed_everything
-    from bn_course.models import mlp
-    from bn_course.train import train
-
     data = _digits(data, device)
     seed_everything(seed)
     model = mlp(hidden=hidden, activation=activation, norm=norm)
@@ -221,10 +219,6 @@ def weight_norm_experiment(seed=0, steps=600, lr=0.1, weight_decay=0.0, hidden=(
     each step, ``grad_norms`` (T, L) ``||g||`` of the gradient each step used,
     ``effective_lr`` (T+1, L) ``lr / ||W||^2``, and ``history``.
     """
-    from bn_course import seed_everything
-    from bn_course.models import mlp
-    from bn_course.train import train
-
     data = _digits(data, device)
     seed_everything(seed)
     model = mlp(hidden=hidden, norm="batch")

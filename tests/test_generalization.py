@@ -10,7 +10,7 @@ from bn_course.generalization import (
     ValidationTracker, dropout_experiment, gap_experiment, holdout, holdout_rows, label_noise_experiment,
     noisy_labels, variance_shift, with_dropout)
 from bn_course.models import mlp
-from bn_course.train import train
+from bn_course.train import evaluate, train
 
 
 def test_noisy_labels_flips_exactly_the_fraction_to_a_different_class():
@@ -107,7 +107,6 @@ def test_validation_tracker_keeps_the_best_weights():
     assert tracker.best_val_accuracy == max(tracker.val_accuracy)
     best = mlp(hidden=(16,), norm="batch")
     best.load_state_dict(tracker.best_state)
-    from bn_course.train import evaluate
     assert evaluate(best, data.x_test, data.y_test)[1] == pytest.approx(tracker.best_val_accuracy)
     with pytest.raises(ValueError, match="every must be"):
         ValidationTracker(model, data.x_test, data.y_test, every=0)
