@@ -50,7 +50,11 @@ MISTAKE_RTOL, MISTAKE_ATOL = 1e-4, 1e-4
 # ---------------------------------------------------------------------------------------
 
 class _NotAttempted(Exception):
-    """The learner's function is still the stub."""
+    """The learner's function is still the stub (``returned_none``: it returned None, not raised)."""
+
+    def __init__(self, returned_none=False):
+        super().__init__()
+        self.returned_none = returned_none
 
 
 class _Raised(Exception):
@@ -65,9 +69,9 @@ def _call(fn, *args):
     except NotImplementedError:
         raise _NotAttempted() from None
     except Exception as err:  # noqa: BLE001 - the learner's code may raise anything
-        raise _Raised(f"{type(err).__name__}: {err}") from None
+        raise _Raised(f"{type(err).__name__}: {str(err).strip()}") from None
     if result is None:
-        raise _NotAttempted()
+        raise _NotAttempted(returned_none=True)
     return result
 
 
@@ -89,9 +93,11 @@ SPATIAL_HINT = (" Your function handles an (N, C) input but not an (N, C, H, W) 
                 "reshape gamma and beta to (1, C, 1, 1) so they line up with the channel axis.")
 
 
-def _not_attempted(what):
+def _not_attempted(what, returned_none=False):
+    hint = (" If you did write code: does your function end with a `return` statement?"
+            if returned_none else "")
     print(f"Not attempted yet: {what} still raises NotImplementedError or returns None. "
-          "Fill in the stub, run its cell, then run this check again.")
+          "Fill in the stub, run its cell, then run this check again." + hint)
     return False
 
 
@@ -198,20 +204,38 @@ CASES = [  # (shape, eps): a dense layer's (N, C) batch and a conv layer's (N, C
 # Forward pass
 # ---------------------------------------------------------------------------------------
 
-def _forward(x, gamma, beta, eps, axes=None, ddof=0, eps_mode="inside", swap=False, affine=True):
-    """Reference forward, with switches that reproduce the common mistakes."""
+def _forward(x, gamma, beta, eps, axes=None, ddof=0, eps_mode="inside", swap=False, affine=True,
+             var_as_sum=False):
+    """Reference forward, with switches that reproduce the common mistakes.
+
+    eps_mode: "inside" (right), "outside" sqrt(var) + eps, "after" (x - mu) / sqrt(var) + eps,
+    "ignored" (eps = 1e-5 whatever is passed), "no_sqrt" (x - mu) / (var + eps),
+    "std" (x - mu) / sqrt(std + eps). affine: True, False (x_hat), "gamma" (no beta), "beta" (no gamma).
+    """
     axes = _axes_but_1(x.ndim) if axes is None else axes
     mu = x.mean(axis=axes, keepdims=True)
     var = x.var(axis=axes, keepdims=True, ddof=ddof)
+    if var_as_sum:
+        var = ((x - mu) ** 2).sum(axis=axes, keepdims=True)
     if eps_mode == "inside":
         x_hat = (x - mu) / np.sqrt(var + eps)
     elif eps_mode == "outside":
         x_hat = (x - mu) / (np.sqrt(var) + eps)
+    elif eps_mode == "after":
+        x_hat = (x - mu) / np.sqrt(var) + eps
+    elif eps_mode == "no_sqrt":
+        x_hat = (x - mu) / (var + eps)
+    elif eps_mode == "std":
+        x_hat = (x - mu) / np.sqrt(np.sqrt(var) + eps)
     else:  # "ignored"
         x_hat = (x - mu) / np.sqrt(var + 1e-5)
-    if not affine:
+    if affine is False:
         return x_hat
     g, b = (beta, gamma) if swap else (gamma, beta)
+    if affine == "gamma":
+        return _pc(g, x.ndim) * x_hat
+    if affine == "beta":
+        return x_hat + _pc(b, x.ndim)
     return _pc(g, x.ndim) * x_hat + _pc(b, x.ndim)
 
 
@@ -242,6 +266,36 @@ def _forward_mistakes(x, gamma, beta, eps):
         ("gamma and beta not applied",
          "you returned x_hat. Step 4 scales and shifts it: out = gamma * x_hat + beta.",
          _forward(x, gamma, beta, eps, affine=False)),
+        ("beta not added",
+         "you returned gamma * x_hat. Step 4 also shifts it: out = gamma * x_hat + beta.",
+         _forward(x, gamma, beta, eps, affine="gamma")),
+        ("gamma not applied",
+         "you returned x_hat + beta. Step 4 also scales it: out = gamma * x_hat + beta.",
+         _forward(x, gamma, beta, eps, affine="beta")),
+        ("square root missing",
+         "you divided by var + eps. x - mu has the units of x, the variance those units squared: "
+         "divide by the standard deviation, np.sqrt(var + eps), so that x_hat has unit variance.",
+         _forward(x, gamma, beta, eps, eps_mode="no_sqrt")),
+        ("epsilon added after the division",
+         "you computed (x - mu) / sqrt(var) + eps: eps ended up outside the fraction (operator "
+         "precedence?). It belongs under the square root, (x - mu) / np.sqrt(var + eps), where "
+         "it keeps the division finite when a channel is constant.",
+         _forward(x, gamma, beta, eps, eps_mode="after")),
+        ("epsilon added after the division",
+         "you computed gamma * (x - mu) / sqrt(var) + eps + beta: eps ended up outside the "
+         "fraction (operator precedence?). It belongs under the square root, "
+         "(x - mu) / np.sqrt(var + eps), where it keeps the division finite when a channel is "
+         "constant.",
+         _forward(x, gamma, beta, 0.0, eps_mode="outside") + eps),
+        ("standard deviation where the variance belongs",
+         "you computed (x - mu) / sqrt(std + eps), taking the square root twice. Step 2 is the "
+         "variance, mean((x - mu)**2), and step 3 takes its square root once: "
+         "(x - mu) / np.sqrt(var + eps).",
+         _forward(x, gamma, beta, eps, eps_mode="std")),
+        ("variance summed, not averaged",
+         "you computed the variance as sum((x - mu)**2). It is the mean over the m values of a "
+         "channel: divide that sum by m (or use .mean(...) / np.var(...)).",
+         _forward(x, gamma, beta, eps, var_as_sum=True)),
     ]
     # statistics over the wrong axes
     candidates = {(1,): "per sample, across the channels (that is layer norm, not batch norm)",
@@ -292,6 +346,9 @@ def check_batchnorm_forward(fn):
             if isinstance(out, tuple):
                 return _fail(f"fn returned a tuple of {len(out)} items; it should return only "
                              "out, the normalized array (shape of x).")
+            if isinstance(out, list):
+                return _fail("fn returned a Python list; return the NumPy array itself "
+                             "(no .tolist()), with the shape and dtype of x.")
             problem = _compare(out, expected, "out")
             if problem:
                 found = _diagnose(out, _forward_mistakes(x, gamma, beta, eps))
@@ -317,8 +374,8 @@ def check_batchnorm_forward(fn):
             return _fail(f"a float32 input gave a {dtype} output. Keep the input's precision: "
                          "avoid float64 constants or arrays (np.float64(...), np.array([...]) "
                          "of Python floats) in the computation.")
-    except _NotAttempted:
-        return _not_attempted("the forward pass")
+    except _NotAttempted as stub:
+        return _not_attempted("the forward pass", stub.returned_none)
     except _Raised as err:
         return _fail(f"your function raised {err}." + (SPATIAL_HINT if len(shape) > 2 else ""))
     return _passed("Your forward pass matches the reference on (N, C) and (N, C, H, W) inputs "
@@ -330,7 +387,8 @@ def check_batchnorm_forward(fn):
 # ---------------------------------------------------------------------------------------
 
 def _backward(dout, x, gamma, eps, ddof=0, eps_mode="inside", through_mu=True, through_var=True,
-              means_as_sums=False, times_m=False, use_gamma=True, dgamma_from_x=False, swap=False):
+              means_as_sums=False, times_m=False, use_gamma=True, dgamma_from_x=False, swap=False,
+              params_as_means=False, sign_mu=-1, sign_var=-1, var_term_plain=False, no_sqrt=False):
     """Reference backward (compact form), with switches that reproduce the common mistakes."""
     n = x.ndim
     axes = _axes_but_1(n)
@@ -339,16 +397,17 @@ def _backward(dout, x, gamma, eps, ddof=0, eps_mode="inside", through_mu=True, t
     var = x.var(axis=axes, keepdims=True, ddof=ddof)
     inv_std = 1.0 / np.sqrt(var + (eps if eps_mode == "inside" else 1e-5))
     x_hat = (x - mu) * inv_std
-    dbeta = dout.sum(axis=axes)
-    dgamma = (dout * (x if dgamma_from_x else x_hat)).sum(axis=axes)
+    param_reduce = np.mean if params_as_means else np.sum
+    dbeta = param_reduce(dout, axis=axes)
+    dgamma = param_reduce(dout * (x if dgamma_from_x else x_hat), axis=axes)
     reduce = (lambda a: a.sum(axis=axes, keepdims=True)) if means_as_sums else \
         (lambda a: a.mean(axis=axes, keepdims=True))
     inner = dout.copy()
     if through_mu:
-        inner = inner - reduce(dout)
+        inner = inner + sign_mu * reduce(dout)
     if through_var:
-        inner = inner - x_hat * reduce(dout * x_hat)
-    scale = (_pc(gamma, n) if use_gamma else 1.0) * inv_std
+        inner = inner + sign_var * x_hat * reduce(dout if var_term_plain else dout * x_hat)
+    scale = (_pc(gamma, n) if use_gamma else 1.0) * (inv_std ** 2 if no_sqrt else inv_std)
     dx = scale * inner * (m if times_m else 1)
     if swap:
         dgamma, dbeta = dbeta, dgamma
@@ -400,6 +459,28 @@ def _backward_mistakes(dout, x, gamma, eps):
          "your dx does not use the eps argument. The forward pass divides by sqrt(var + eps), "
          "so the backward pass has the same 1 / sqrt(var + eps).",
          _backward(dout, x, gamma, eps, eps_mode="ignored")),
+        ("dgamma and dbeta averaged instead of summed",
+         "gamma and beta are shared by all m values of a channel, so the gradients from those m "
+         "values add up: dgamma = sum(dout * x_hat) and dbeta = sum(dout) per channel, not means.",
+         _backward(dout, x, gamma, eps, params_as_means=True)),
+        ("square root missing",
+         "your dx has the factor 1 / (var + eps). The forward pass divides by the standard "
+         "deviation, so dx carries gamma / sqrt(var + eps).",
+         _backward(dout, x, gamma, eps, no_sqrt=True)),
+        ("wrong sign of the variance term",
+         "your dx adds x_hat * mean(dout * x_hat); it must subtract it: "
+         "dx = gamma / sqrt(var + eps) * (dout - mean(dout) - x_hat * mean(dout * x_hat)). "
+         "Both correction terms remove something from dout.",
+         _backward(dout, x, gamma, eps, sign_var=+1)),
+        ("wrong sign of the mean term",
+         "your dx adds mean(dout); it must subtract it: "
+         "dx = gamma / sqrt(var + eps) * (dout - mean(dout) - x_hat * mean(dout * x_hat)). "
+         "Both correction terms remove something from dout.",
+         _backward(dout, x, gamma, eps, sign_mu=+1)),
+        ("x_hat missing inside the variance term",
+         "your dx has x_hat * mean(dout) where x_hat * mean(dout * x_hat) belongs: the path "
+         "through the variance carries sum(dout * x_hat), the same sum as dgamma.",
+         _backward(dout, x, gamma, eps, var_term_plain=True)),
     ]
 
 
@@ -447,8 +528,8 @@ def check_batchnorm_backward(fn):
                                          _backward_mistakes(dout, x, gamma, eps), shape)
             if message:
                 return _fail(message)
-    except _NotAttempted:
-        return _not_attempted("the backward pass")
+    except _NotAttempted as stub:
+        return _not_attempted("the backward pass", stub.returned_none)
     except _Raised as err:
         return _fail(f"your function raised {err}." + (SPATIAL_HINT if len(shape) > 2 else ""))
     return _passed("dx, dgamma and dbeta match the reference on (N, C) and (N, C, H, W) inputs.")
@@ -459,11 +540,14 @@ def check_batchnorm_backward(fn):
 # ---------------------------------------------------------------------------------------
 
 def _running(running_mean, running_var, x, momentum, ddof=1, reverse=False, std=False,
-             var_from_mean=False):
+             var_from_mean=False, correct_with_n=False):
     """Reference running-statistics update, with switches for the common mistakes."""
     axes = _axes_but_1(x.ndim)
     mu = x.mean(axis=axes)
     var = x.var(axis=axes, ddof=ddof)
+    if correct_with_n:  # biased variance times N / (N - 1), N the batch size instead of m
+        n = x.shape[0]
+        var = x.var(axis=axes) * n / (n - 1)
     if std:
         var = np.sqrt(var)
     if var_from_mean:
@@ -489,6 +573,12 @@ def _running_mistakes(running_mean, running_var, x, momentum):
          "estimates the population variance for inference, so PyTorch uses the unbiased "
          "batch variance, divided by m - 1.",
          _running(*args, ddof=0)),
+        ("unbiased correction with N instead of m",
+         "you multiplied the biased variance by N / (N - 1), N the batch size. A channel's "
+         "statistics come from m = N * H * W values (every position of every example), so the "
+         "unbiased variance is the biased one times m / (m - 1): np.var(..., ddof=1) over axes "
+         "(0, 2, 3) does it.",
+         _running(*args, correct_with_n=True)),
         ("standard deviation instead of variance",
          "you averaged the batch standard deviation into running_var. It tracks the "
          "variance (squared spread), unbiased.",
@@ -529,7 +619,17 @@ def check_running_stats_update(fn):
             running_mean, running_var = np.zeros(C), np.ones(C)  # PyTorch's initial buffers
             for step in range(3):
                 x, _, _, _ = _make_case(shape, 20 + 3 * case + step, offset=2.0 + step)
-                result = _call(fn, running_mean.copy(), running_var.copy(), x.copy(), momentum)
+                mean_in, var_in = running_mean.copy(), running_var.copy()
+                try:
+                    result = _call(fn, mean_in, var_in, x.copy(), momentum)
+                except _NotAttempted as stub:
+                    changed = not (np.array_equal(mean_in, running_mean)
+                                   and np.array_equal(var_in, running_var))
+                    if stub.returned_none and changed:
+                        return _fail("your function changed running_mean and running_var in place "
+                                     "but returned None. End it with "
+                                     "`return running_mean, running_var` (the new values).")
+                    raise
                 if not isinstance(result, (tuple, list)) or len(result) != 2:
                     return _fail(f"fn returned {type(result).__name__}; it should return two "
                                  "arrays (new_mean, new_var).")
@@ -554,10 +654,13 @@ def check_running_stats_update(fn):
                                      "whatever momentum is passed.")
                     return _fail(where + " ".join(problems))
                 running_mean, running_var = expected
-    except _NotAttempted:
-        return _not_attempted("the running-statistics update")
+    except _NotAttempted as stub:
+        return _not_attempted("the running-statistics update", stub.returned_none)
     except _Raised as err:
-        return _fail(f"your function raised {err}")
+        hint = (" Your function handles an (N, C) input but not an (N, C, H, W) one: a channel's "
+                "mean and variance are taken over every axis except 1, axes (0, 2, 3) here."
+                if len(shape) > 2 else "")
+        return _fail(f"your function raised {err}.{hint}")
     return _passed("Your update matches PyTorch's convention over several steps, with "
                    "momentum 0.1 and 0.3, on (N, C) and (N, C, H, W) inputs.")
 

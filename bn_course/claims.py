@@ -52,7 +52,7 @@ CLAIMS = (
         section="Gradients vanish or explode",
         verdict="confirmed",
     ),
-    # --- the four benefits the common explanations promise (05, 07) -----------------------
+    # --- the benefits the common explanations promise (05, 07) ----------------------------
     Claim(
         id="faster_training",
         statement="BN makes training faster: fewer steps to reach a given accuracy.",

@@ -34,7 +34,7 @@ from bn_course._validate import check_enough_values as check_bn_values
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
-from bn_course.torch_bn import BatchNorm, per_channel, reduce_dims
+from bn_course.torch_bn import BatchNorm, BatchNormFunction, check_input, per_channel
 from bn_course.train import evaluate, train
 
 
@@ -260,22 +260,51 @@ class InstanceNorm(nn.Module):
         return instance_norm(x, self.weight, self.bias, self.eps)
 
 
+# --- shared by Batch Renormalization and Ghost BN ----------------------------------------------
+# Both subclass ``bn_course.torch_bn.BatchNorm`` for its parameters, buffers, state_dict keys and
+# evaluation mode, and use only its public pieces: ``check_input``, ``BatchNormFunction`` (which
+# hands back the batch statistics) and the buffers of the module contract.
+
+def check_bn_layer_input(layer, x, same_dtype=True):
+    """x must be a floating-point tensor (N, C, *spatial) with C = layer.num_features
+    (and, when ``same_dtype``, the dtype of the layer's running statistics)."""
+    name = f"{type(layer).__name__}({layer.num_features})"
+    check_input(x, f"{name} input")
+    check_num_channels(x, layer.num_features, name)
+    if same_dtype and x.dtype != layer.running_mean.dtype:
+        raise TypeError(
+            f"{name} input has dtype {x.dtype} but the layer's parameters and buffers are "
+            f"{layer.running_mean.dtype}; convert one to match, e.g. layer.to({x.dtype})."
+        )
+
+
+@torch.no_grad()
+def update_running_averages(layer, mu, var_unbiased):
+    """Batch norm's update of ``layer.running_mean`` and ``layer.running_var``, from a batch's
+    mean and unbiased variance (each (C,)): new = (1 - f) * old + f * batch, with
+    f = layer.momentum, or 1 / num_batches_tracked when momentum is None."""
+    layer.num_batches_tracked.add_(1)
+    f = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+    layer.running_mean.mul_(1 - f).add_(mu.to(layer.running_mean.dtype), alpha=f)
+    layer.running_var.mul_(1 - f).add_(var_unbiased.to(layer.running_var.dtype), alpha=f)
+
+
 # --- Batch Renormalization -----------------------------------------------------------------
 
 class BatchRenorm(BatchNorm):
     """Batch Renormalization (Ioffe, 2017): batch norm whose training output uses the
     running statistics, corrected by the batch's.
 
-    In training, per channel, with sigma_B = sqrt(var_B + eps) and sigma = sqrt(running_var + eps)::
+    In training, per channel, with s_B = sqrt(var_B + eps) and s_run = sqrt(running_var + eps)::
 
-        r     = clip(sigma_B / sigma,              1 / r_max, r_max)   # no gradient
-        d     = clip((mu_B - running_mean) / sigma,   -d_max, d_max)   # no gradient
-        x_hat = (x - mu_B) / sigma_B * r + d
+        r     = clip(s_B / s_run,                  1 / r_max, r_max)   # no gradient
+        d     = clip((mu_B - running_mean) / s_run,   -d_max, d_max)   # no gradient
+        x_hat = (x - mu_B) / s_B * r + d
         out   = gamma * x_hat + beta
 
-    Without clipping, x_hat = (x - running_mean) / sigma: the inference transform, so
+    Without clipping, x_hat = (x - running_mean) / s_run: the inference transform, so
     training and evaluation agree. With r_max = 1 and d_max = 0 this is plain batch norm.
-    The gradient still flows through mu_B and sigma_B (as in batch norm); r and d are
+    The gradient still flows through mu_B and var_B (as in batch norm); r and d are
     treated as constants. Running statistics are updated as in ``BatchNorm``; evaluation
     mode is batch norm's evaluation mode.
     """
@@ -292,17 +321,17 @@ class BatchRenorm(BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        self._check(x)
-        check_bn_values(tuple(x.shape), f"{type(self).__name__} input")
-        dims = reduce_dims(x)
-        x_hat_batch, mu_B, var_B = standardize(x, dims, self.eps)
-        sigma_B = torch.sqrt(var_B + self.eps)
-        mu = per_channel(self.running_mean, x.dim()).to(x.dtype)
-        sigma = torch.sqrt(per_channel(self.running_var, x.dim()).to(x.dtype) + self.eps)
-        r = (sigma_B / sigma).detach().clamp(1 / self.r_max, self.r_max)
-        d = ((mu_B - mu) / sigma).detach().clamp(-self.d_max, self.d_max)
-        x_hat = x_hat_batch * r + d
-        self._update_running_stats(x)
+        check_bn_layer_input(self, x)
+        check_bn_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
+        stats = {}  # BatchNormFunction fills in the batch's mu, biased var and m (no gradient)
+        x_hat_B = BatchNormFunction.apply(x, None, None, self.eps, stats)  # (x - mu_B) / s_B, gradient as in BN
+        mu_B, var_B, m = stats["mu"], stats["var"], stats["m"]
+        s_B = torch.sqrt(var_B + self.eps)
+        s_run = torch.sqrt(self.running_var + self.eps)
+        r = (s_B / s_run).clamp(1 / self.r_max, self.r_max)
+        d = ((mu_B - self.running_mean) / s_run).clamp(-self.d_max, self.d_max)
+        x_hat = x_hat_B * per_channel(r, x.dim()) + per_channel(d, x.dim())
+        update_running_averages(self, mu_B, var_B * m / (m - 1))
         if not self.affine:
             return x_hat
         return x_hat * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
@@ -331,7 +360,7 @@ class GhostBatchNorm(BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        self._check(x)
+        check_bn_layer_input(self, x, same_dtype=False)  # before splitting; BatchNorm checks the dtype
         return torch.cat([super(GhostBatchNorm, self).forward(chunk)
                           for chunk in torch.split(x, self.ghost_batch_size, dim=0)], dim=0)
 

@@ -71,6 +71,36 @@ FORWARD_MISTAKES = {
 }
 
 
+def _forward_written(step3, step4=lambda g, x_hat, b: g * x_hat + b, var_fn=None):
+    """A learner's forward with step 3 (x_hat from x - mu, var, eps) and step 4 written out."""
+    def fn(x, gamma, beta, eps):
+        ax = axes_of(x)
+        mu = x.mean(axis=ax, keepdims=True)
+        var = (var_fn or (lambda d: (d ** 2).mean(axis=ax, keepdims=True)))(x - mu)
+        return step4(pc(gamma, x.ndim), step3(x - mu, var, eps), pc(beta, x.ndim))
+    return fn
+
+
+FORWARD_MISTAKES.update({
+    "beta not added": _forward_written(lambda d, v, e: d / np.sqrt(v + e), lambda g, xh, b: g * xh),
+    "gamma not applied": _forward_written(lambda d, v, e: d / np.sqrt(v + e), lambda g, xh, b: xh + b),
+    "square root missing": _forward_written(lambda d, v, e: d / (v + e)),
+    "epsilon added after the division": _forward_written(lambda d, v, e: d / np.sqrt(v) + e),
+    "standard deviation where the variance belongs": _forward_written(lambda d, v, e: d / np.sqrt(np.sqrt(v) + e)),
+    "variance summed, not averaged": _forward_written(
+        lambda d, v, e: d / np.sqrt(v + e), var_fn=lambda d: (d ** 2).sum(axis=axes_of(d), keepdims=True)),
+})
+
+
+def test_forward_names_eps_added_to_the_output(capsys):
+    def eps_at_the_end(x, gamma, beta, eps):
+        ax = axes_of(x)
+        mu, var = x.mean(axis=ax, keepdims=True), x.var(axis=ax, keepdims=True)
+        return pc(gamma, x.ndim) * (x - mu) / np.sqrt(var) + eps + pc(beta, x.ndim)
+    ok, out = run(checks.check_batchnorm_forward, eps_at_the_end, capsys)
+    assert not ok and "epsilon added after the division" in out, out
+
+
 def test_forward_accepts_correct(capsys):
     ok, out = run(checks.check_batchnorm_forward, forward_good, capsys)
     assert ok and "Correct" in out
@@ -80,6 +110,7 @@ def test_forward_accepts_correct(capsys):
 def test_forward_stub_is_not_attempted(fn, capsys):
     ok, out = run(checks.check_batchnorm_forward, fn, capsys)
     assert not ok and "Not attempted yet" in out
+    assert ("return` statement" in out) == (fn is returns_none)
 
 
 @pytest.mark.parametrize("name", FORWARD_MISTAKES)
@@ -97,6 +128,7 @@ def test_forward_names_each_mistake(name, capsys):
     (lambda x, g, b, eps: np.full(x.shape, np.nan), "NaN"),
     (lambda x, g, b, eps: "hello", "array of floats"),
     (lambda x, g, b, eps: (forward_good(x, g, b, eps), {}), "tuple"),
+    (lambda x, g, b, eps: forward_good(x, g, b, eps).tolist(), "Python list"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps).astype(np.float64), "float32 input gave a float64"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps) + 1e-3, "largest absolute difference"),
     (lambda x: x, "TypeError"),
@@ -165,6 +197,29 @@ BACKWARD_MISTAKES = {
     "unbiased variance": backward_variant(ddof=1),
     "epsilon ignored": backward_variant(use_eps=False),
 }
+
+
+def _backward_written(params=np.sum, sign_mu=-1, sign_var=-1, var_inner=lambda dout, x_hat: dout * x_hat,
+                      power=0.5):
+    """A learner's compact backward with one of its pieces changed."""
+    def fn(dout, x, gamma, eps):
+        ax = axes_of(x)
+        mu, var = x.mean(axis=ax, keepdims=True), x.var(axis=ax, keepdims=True)
+        x_hat = (x - mu) / np.sqrt(var + eps)
+        mean = lambda a: a.mean(axis=ax, keepdims=True)  # noqa: E731
+        dx = pc(gamma, x.ndim) / (var + eps) ** power * (
+            dout + sign_mu * mean(dout) + sign_var * x_hat * mean(var_inner(dout, x_hat)))
+        return dx, params(dout * x_hat, axis=ax), params(dout, axis=ax)
+    return fn
+
+
+BACKWARD_MISTAKES.update({
+    "dgamma and dbeta averaged instead of summed": _backward_written(params=np.mean),
+    "square root missing": _backward_written(power=1.0),
+    "wrong sign of the variance term": _backward_written(sign_var=+1),
+    "wrong sign of the mean term": _backward_written(sign_mu=+1),
+    "x_hat missing inside the variance term": _backward_written(var_inner=lambda dout, x_hat: dout),
+})
 
 
 def test_backward_accepts_correct_and_staged(capsys):
@@ -243,6 +298,31 @@ RUNNING_MISTAKES = {
     "mean and variance returned in the wrong order": running_variant(order=True),
     "momentum ignored": running_variant(fixed_momentum=0.1),
 }
+
+
+def _running_with_n_correction(running_mean, running_var, x, momentum):
+    ax, n = axes_of(x), x.shape[0]
+    var = x.var(axis=ax) * n / (n - 1)  # N / (N - 1) where m / (m - 1) belongs
+    return ((1 - momentum) * running_mean + momentum * x.mean(axis=ax),
+            (1 - momentum) * running_var + momentum * var)
+
+
+RUNNING_MISTAKES["unbiased correction with N instead of m"] = _running_with_n_correction
+
+
+def test_running_in_place_update_returning_none_is_told_to_return(capsys):
+    def in_place_no_return(running_mean, running_var, x, momentum):
+        running_mean[:] = numpy_bn.update_running_stats(running_mean, running_var, x, momentum)[0]
+    ok, out = run(checks.check_running_stats_update, in_place_no_return, capsys)
+    assert not ok and "in place but returned None" in out, out
+
+
+def test_running_2d_only_code_gets_the_spatial_hint(capsys):
+    def only_2d(running_mean, running_var, x, momentum):
+        mu, var = x.mean(axis=0), x.var(axis=0, ddof=1)
+        return (1 - momentum) * running_mean + momentum * mu, (1 - momentum) * running_var + momentum * var
+    ok, out = run(checks.check_running_stats_update, only_2d, capsys)
+    assert not ok and "(N, C) input but not an (N, C, H, W)" in out, out
 
 
 def test_running_accepts_correct(capsys):

@@ -51,7 +51,7 @@ def test_init_scale_sets_the_weight_std():
     for layer in (model.linear1, model.linear2):
         expected = 2.0 / math.sqrt(layer.in_features)
         assert abs(float(layer.weight.detach().std()) / expected - 1) < 0.02
-        assert float(layer.bias.abs().max()) == 0.0
+        assert float(layer.bias.detach().abs().max()) == 0.0
 
 
 def test_count_parameters():

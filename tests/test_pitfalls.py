@@ -112,6 +112,15 @@ def test_running_stat_lag(data, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_running_stat_lag_is_harmless_with_defaults_or_longer_training(data, seed):
+    default = running_stat_lag(data, seed, momentum=0.1, init_scale=None)
+    assert max(default["var_error"]) < 0.1
+    assert abs(default["precise_acc"] - default["ema_acc"]) < 0.01
+    long = running_stat_lag(data, seed, momentum=0.01, init_scale=3.0, steps=400)
+    assert abs(long["precise_acc"] - long["ema_acc"]) < 0.01
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_non_iid_training(data, seed):
     r = non_iid_training(data, seed)
     for norm in ("none", "layer"):
