@@ -669,6 +669,27 @@ def check_running_stats_update(fn):
 # torch.autograd.Function
 # ---------------------------------------------------------------------------------------
 
+FUNCTION_SPATIAL_HINT = (
+    " Your Function handles an (N, C) input but not an (N, C, H, W) one: take the statistics "
+    "with dim=[0, 2, 3] (every dim but 1) and keepdim=True, reshape gamma and beta to (1, C, 1, 1) "
+    "so they line up with the channel axis, and in backward sum dgamma and dbeta over the same dims, "
+    "with m = dout.numel() // dout.shape[1] values per channel.")
+SAVE_HINT = (" ctx.save_for_backward(...) takes tensors only; keep a plain number such as eps as an "
+             "attribute instead: ctx.eps = eps.")
+UNPACK_HINT = (" ctx.saved_tensors gives back exactly the tensors forward passed to "
+               "ctx.save_for_backward(...), in the same order: save (x_hat, inv_std, gamma) in forward "
+               "and unpack the same three in backward.")
+
+
+def _function_hint(message, shape):
+    """The hint that goes with an error raised inside the learner's forward or backward."""
+    if "save_for_backward can only save" in message:
+        return SAVE_HINT
+    if "values to unpack" in message:
+        return UNPACK_HINT
+    return FUNCTION_SPATIAL_HINT if len(shape) > 2 else ""
+
+
 @_never_raises
 def check_batchnorm_function(cls):
     """Check a ``torch.autograd.Function`` subclass used as ``cls.apply(x, gamma, beta, eps)``.
@@ -693,8 +714,17 @@ def check_batchnorm_function(cls):
                           for a in (x, gamma, beta))
             try:
                 out = _call(cls.apply, xt, gt, bt, eps)
-            except _NotAttempted:
-                return _not_attempted("forward")
+            except _NotAttempted as stub:
+                return _not_attempted("forward", stub.returned_none)
+            except _Raised as err:
+                return _fail(f"forward, on an input of shape {shape}, raised {str(err).rstrip('.')}."
+                             + _function_hint(str(err), shape))
+            changed = [name for name, t, a in (("x", xt, x), ("gamma", gt, gamma), ("beta", bt, beta))
+                       if not np.array_equal(t.detach().cpu().numpy(), a)]
+            if changed:
+                return _fail(f"forward changed its input {' and '.join(changed)} in place (x -= mu, "
+                             "x.sub_(...), ...), so the caller's tensor now holds other numbers. "
+                             "Compute into new tensors instead, e.g. x_hat = (x - mu) * inv_std.")
             if not isinstance(out, torch.Tensor):
                 return _fail(f"forward returned {type(out).__name__}; it should return one "
                              "tensor, out, with the shape of x.")
@@ -727,9 +757,11 @@ def check_batchnorm_function(cls):
                                  + text.split("\n")[0] + ". dx has the shape of x; dgamma and "
                                  "dbeta have shape (C,): sum over every axis except axis 1.")
                 first_line = text.splitlines()[0] if text else ""
-                return _fail(f"backward raised RuntimeError: {first_line}")
+                return _fail(f"backward, on an input of shape {shape}, raised RuntimeError: "
+                             f"{first_line.rstrip('.')}." + _function_hint(first_line, shape))
             except Exception as err:  # noqa: BLE001
-                return _fail(f"backward raised {type(err).__name__}: {err}")
+                return _fail(f"backward, on an input of shape {shape}, raised {type(err).__name__}: "
+                             f"{str(err).rstrip('.')}." + _function_hint(str(err), shape))
             grads = []
             for name, t in (("dx", xt), ("dgamma", gt), ("dbeta", bt)):
                 if t.grad is None:
@@ -740,10 +772,6 @@ def check_batchnorm_function(cls):
                                          _backward_mistakes(dout, x, gamma, eps), shape)
             if message:
                 return _fail("backward, o" + message[1:])
-    except _NotAttempted:
-        return _not_attempted("forward")
-    except _Raised as err:
-        return _fail(f"forward raised {err}")
     except Exception as err:  # noqa: BLE001 - never raise on a learner's class
         return _fail(f"something went wrong running your Function: {type(err).__name__}: {err}")
     return _passed("forward and backward match the reference on (N, C) and (N, C, H, W) inputs.")

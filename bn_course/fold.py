@@ -76,10 +76,8 @@ def bn_scale_shift(bn):
     """
     var = bn.running_var.detach().double()
     mu = bn.running_mean.detach().double()
-    if bn.affine:
-        gamma, beta = bn.weight.detach().double(), bn.bias.detach().double()
-    else:
-        gamma, beta = torch.ones_like(mu), torch.zeros_like(mu)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mu)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mu)  # None: affine=False or bias=False
     a = gamma / torch.sqrt(var + bn.eps)
     return a, beta - a * mu
 

@@ -21,7 +21,7 @@ is free here, and saves a pass.
 import torch
 
 from bn_course._validate import check_enough_values
-from bn_course.torch_bn import BatchNorm, per_channel, reduce_dims
+from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
 
 # torch.compile specializes on shape, dtype and layout; allow more variants than its default of 8
 # before it silently falls back to the (unfused) eager code.
@@ -116,7 +116,13 @@ def _layout(x):
 
 
 def fused_batchnorm(x, gamma, beta, eps=1e-5, use_compile=True):
-    """Training-mode batch norm through the fused functions. Returns out, mu (C,), var (C,) biased."""
+    """Training-mode batch norm through the fused functions. Returns out, mu (C,), var (C,) biased.
+
+    x: (N, C, *spatial); gamma, beta: (C,) or None.
+    """
+    check_input(x, "x")
+    check_params(x, gamma, beta)
+    check_enough_values(tuple(x.shape), "x")
     return FusedBatchNormFunction.apply(x, gamma, beta, eps, use_compile)
 
 
@@ -138,10 +144,10 @@ class FusedBatchNorm(BatchNorm):
         if not self.training and self.track_running_stats:
             return super().forward(x)  # one affine map per channel: nothing to fuse
         self._check(x)
+        check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
         in_dtype, p = x.dtype, self._param_dtype()
         if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32, as BatchNorm
             x = x.to(p)
-        check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
         out, mu, var = fused_batchnorm(x, self.weight, self.bias, self.eps, self.compile)
         if self.training and self.track_running_stats:
             m = x.numel() // x.shape[1]

@@ -431,15 +431,21 @@ def cnn_small_batch(data, seed=0, batch_size=2, steps=400, lr=0.05):
 
 
 def hard_batches(data, seed=0, steps=400, lr=0.05, small_batches=(2, 4), one_class_batch=32,
-                 norms=("batch", "renorm", "group")):
+                 norms=("batch", "renorm", "group"), known=None):
     """Test accuracy (eval mode) per norm on tiny shuffled batches and on single-class batches.
 
+    ``known``: accuracies already measured with the same seed, steps and lr, as
+    {(norm, batch_size): accuracy} (e.g. from ``batch_size_sweep``); those runs are not repeated.
     Returns {(norm, "batch 2"): acc, ..., (norm, "one class"): acc}.
     """
+    known = known or {}
     result = {}
     for norm in norms:
         for b in small_batches:
-            result[(norm, f"batch {b}")] = train_mlp(data, norm, b, seed, steps, lr).final_accuracy
+            if (norm, b) in known:
+                result[(norm, f"batch {b}")] = known[(norm, b)]
+            else:
+                result[(norm, f"batch {b}")] = train_mlp(data, norm, b, seed, steps, lr).final_accuracy
         bn_course.seed_everything(seed)
         model = make_mlp(norm).to(data.x_train.device)
         train_on_stream(model, single_class_batches(data.x_train, data.y_train, one_class_batch, seed), steps, lr)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from bn_course._validate import values_per_channel
-from bn_course.torch_bn import BatchNorm, per_channel, reduce_dims
+from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
 
 
 def world_size(group=None):
@@ -106,6 +106,8 @@ def sync_batchnorm(x, gamma, beta, eps=1e-5, group=None):
 
     x: (n_p, C, *spatial); gamma, beta: (C,) or None. Returns out, shape of x.
     """
+    check_input(x, "x")
+    check_params(x, gamma, beta)
     with torch.no_grad():
         mu, var, m = sync_mean_var(x.detach(), group)
     return SyncBatchNormFunction.apply(x, gamma, beta, mu, var, m, eps, group)

@@ -1,11 +1,18 @@
-"""Batch normalization in PyTorch: from autograd ops, as an autograd.Function, as a module.
+"""Batch normalization in PyTorch, the three versions of notebook 04.
 
-``BatchNorm`` is a drop-in replacement for ``torch.nn.BatchNorm1d/2d/3d`` for any
-input rank >= 2: same outputs, gradients, running buffers, evaluation
-behaviour and ``state_dict`` keys, so state dicts load both ways.
+- ``batchnorm_autograd``: the four training-mode steps in torch ops; autograd derives
+  the backward pass.
+- ``BatchNormFunction``: a ``torch.autograd.Function`` with the compact backward pass
+  written by hand.
+- ``BatchNorm``: an ``nn.Module``, a drop-in replacement for ``torch.nn.BatchNorm1d/2d/3d``
+  for any input rank >= 2: same outputs, gradients, running buffers, evaluation
+  behaviour and ``state_dict`` keys, so state dicts load both ways.
 
 Shapes: ``x`` is ``(N, C)`` or ``(N, C, *spatial)``; statistics are per channel, over
-every dim except 1; ``m = N * prod(spatial)`` values per channel.
+every dim except 1; ``m = N * prod(spatial)`` values per channel; ``gamma``, ``beta``,
+``mu``, ``var`` and the running statistics are ``(C,)``.
+
+The experiments of notebook 04's "classic bugs" live in ``bn_course.classic_bugs``.
 """
 
 import torch
@@ -29,7 +36,8 @@ def per_channel(v, ndim):
 
 
 def check_input(x, where="input"):
-    """Reject what batch norm cannot normalize, with a message that names the problem."""
+    """Reject what batch norm cannot normalize (not a tensor, integer dtype, rank < 2),
+    with a message that names the problem."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -71,7 +79,10 @@ def batchnorm_autograd(x, gamma, beta, eps=1e-5):
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm with the compact backward pass written by hand.
 
-    forward(x, gamma, beta, eps) -> out, and saves (x_hat, inv_std, gamma) for backward::
+    Use as ``BatchNormFunction.apply(x, gamma, beta, eps) -> out``, with x and out
+    ``(N, C, *spatial)``, gamma and beta ``(C,)``. forward saves ``x_hat`` (shape of x),
+    ``inv_std = 1 / sqrt(var + eps)`` ``(1, C, 1, ...)`` and ``gamma`` ``(C,)``; backward
+    turns ``dout`` (shape of x) into, per channel::
 
         dbeta  = sum(dout)
         dgamma = sum(dout * x_hat)
@@ -89,6 +100,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, stats=None):
+        """x: (N, C, *spatial); gamma, beta: (C,) or None; eps: float -> out: shape of x."""
         check_input(x, "x")
         check_params(x, gamma, beta)
         check_enough_values(tuple(x.shape), "x")
@@ -114,6 +126,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward below is not itself differentiable: say so, don't be wrong
     def backward(ctx, dout):
+        """dout: shape of x -> (dx: shape of x, dgamma: (C,), dbeta: (C,), None, None)."""
         x_hat, inv_std, gamma = ctx.saved_tensors
         dims, ndim = reduce_dims(dout), dout.dim()
         m = dout.numel() // dout.shape[1]
@@ -207,6 +220,7 @@ class BatchNorm(nn.Module):
         return None
 
     def _check(self, x):
+        """x must be a floating tensor (N, C, *spatial) with C = num_features, in the layer's dtype."""
         name = f"{type(self).__name__}({self.num_features})"
         check_input(x, f"{name} input")
         if x.shape[1] != self.num_features:
@@ -222,13 +236,14 @@ class BatchNorm(nn.Module):
             )
 
     def _momentum_factor(self):
+        """The weight f of the new batch: momentum, or 1 / num_batches_tracked when it is None."""
         if self.momentum is None:  # cumulative moving average
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
     @torch.no_grad()
     def _update_running_stats(self, x):
-        """Update the running averages from the batch x: its mean and unbiased variance."""
+        """Update the running averages from the batch x (N, C, *spatial): its mean and unbiased variance."""
         dims = reduce_dims(x)
         m = x.numel() // x.shape[1]
         mu = x.mean(dim=dims)
@@ -237,14 +252,15 @@ class BatchNorm(nn.Module):
 
     @torch.no_grad()
     def _update_running_averages(self, mu, var_unbiased):
-        """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked)."""
+        """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked); mu, var: (C,)."""
         self.num_batches_tracked.add_(1)
         f = self._momentum_factor()
         self.running_mean.mul_(1 - f).add_(mu.to(self.running_mean.dtype), alpha=f)
         self.running_var.mul_(1 - f).add_(var_unbiased.to(self.running_var.dtype), alpha=f)
 
     def _eval_forward(self, x):
-        """out = a * x + b per channel, a = gamma / sqrt(running_var + eps), b = beta - a * running_mean."""
+        """x: (N, C, *spatial) -> out, same shape: out = a * x + b per channel, with
+        a = gamma / sqrt(running_var + eps) and b = beta - a * running_mean."""
         a = torch.rsqrt(self.running_var + self.eps)
         b = -self.running_mean * a
         if self.weight is not None:
@@ -255,6 +271,8 @@ class BatchNorm(nn.Module):
         return torch.addcmul(per_channel(b, x.dim()), x, per_channel(a, x.dim()))
 
     def forward(self, x):
+        """x: (N, C, *spatial) -> out: shape of x. Training mode: batch statistics (and the
+        running averages updated); evaluation mode: the running statistics."""
         self._check(x)
         in_dtype = x.dtype
         p = self._param_dtype()
@@ -270,103 +288,3 @@ class BatchNorm(nn.Module):
         else:
             out = self._eval_forward(x)
         return out.to(in_dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Experiments of notebook 04: the classic bugs, each shown by what goes wrong.
-# The notebook writes each buggy variant in the open and passes it in; the tests pass
-# their own copies, with other seeds, so the notebook's claims hold for every seed.
-# ---------------------------------------------------------------------------------------
-
-def make_batches(steps, batch_size, C, mean=0.0, var=1.0, seed=0, device=None, dtype=torch.float64):
-    """``steps`` batches of shape (batch_size, C), every value drawn from N(mean, var).
-
-    Returns a tensor of shape (steps, batch_size, C).
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(steps, batch_size, C, generator=g, dtype=dtype) * var ** 0.5 + mean
-    return x.to(device)
-
-
-def track_running_stats(update, batches, momentum=0.1):
-    """Feed ``batches`` (steps, N, C) to ``update`` and record the running statistics.
-
-    update(running_mean, running_var, x, momentum) -> (running_mean, running_var), all (C,)
-    except x (N, C). Starts from PyTorch's initial values, mean 0 and variance 1.
-    Returns two (steps, C) tensors: running_mean and running_var after each step.
-    """
-    C = batches.shape[2]
-    running_mean = torch.zeros(C, dtype=batches.dtype, device=batches.device)
-    running_var = torch.ones(C, dtype=batches.dtype, device=batches.device)
-    means, variances = [], []
-    for x in batches:
-        running_mean, running_var = update(running_mean, running_var, x, momentum)
-        means.append(running_mean.clone())
-        variances.append(running_var.clone())
-    return torch.stack(means), torch.stack(variances)
-
-
-def eval_std_during_training(bn, batches, x_eval):
-    """Train ``bn`` on each batch in turn; after each step (and before the first) measure
-    the standard deviation of its evaluation-mode output on ``x_eval``.
-
-    bn: a batch norm module for (N, C) input; batches: (steps, N, C); x_eval: (M, C).
-    Returns a list of steps + 1 floats. The module is left in training mode.
-    """
-    stds = []
-    for x in list(batches) + [None]:
-        bn.eval()
-        with torch.no_grad():
-            stds.append(float(bn(x_eval).std()))
-        if x is None:
-            break
-        bn.train()
-        with torch.no_grad():
-            bn(x)
-    bn.train()
-    return stds
-
-
-def shift_experiment(normalize, steps=50, lr=0.5, N=32, C=4, seed=0, device=None):
-    """Learn a per-channel shift ``b`` in ``out = normalize(x + b)`` by gradient descent.
-
-    The loss is the mean squared error to a fixed target whose channels do not have mean 0,
-    so it pulls on the mean of ``out``, which batch norm pins at 0. A correct
-    ``normalize`` (gradient through mu and var) gives b exactly zero gradient;
-    one that treats mu and var as constants keeps pushing b while the loss stands still.
-
-    normalize(z) -> out, z and out of shape (N, C).
-    Returns (b_norm, loss): two lists of steps + 1 floats, |b| and the loss at each step.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, C, generator=g, dtype=torch.float64).to(device)
-    target = (torch.randn(N, C, generator=g, dtype=torch.float64) + 1.0).to(device)
-    b = torch.zeros(C, dtype=torch.float64, device=device, requires_grad=True)
-    b_norm, losses = [], []
-    for i in range(steps + 1):
-        loss = ((normalize(x + b) - target) ** 2).mean()
-        b_norm.append(float(b.detach().norm()))
-        losses.append(float(loss.detach()))
-        if i == steps:
-            break
-        (grad_b,) = torch.autograd.grad(loss, b)
-        with torch.no_grad():
-            b -= lr * grad_b
-    return b_norm, losses
-
-
-def spatial_pattern_images(N=16, C=3, H=8, W=8, seed=0, device=None):
-    """Images whose channels share a spatial pattern across the batch (a bright left-to-right
-    ramp, different in each channel) plus noise: (N, C, H, W), float64."""
-    g = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(-2, 2, W, dtype=torch.float64).expand(H, W)
-    strength = torch.arange(1, C + 1, dtype=torch.float64).reshape(C, 1, 1)
-    x = strength * ramp + torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
-    return x.to(device)
-
-
-def pattern_left_after(normalize, x):
-    """How much of the batch's common spatial pattern survives ``normalize``: per channel, the
-    standard deviation over (H, W) of the batch-average image of normalize(x). Returns (C,)."""
-    with torch.no_grad():
-        return normalize(x).mean(dim=0).std(dim=(1, 2))

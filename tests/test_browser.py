@@ -316,6 +316,7 @@ def exercise(page, lab, relpath, slider_timeout_s=SLIDER_TIMEOUT_S):
                  else f"slider {k}").strip() or f"slider {k}"
         value_before = handle.get_attribute("aria-valuenow")
         print_before = area.evaluate(_FINGERPRINT_JS)
+        tracebacks_before = area.inner_text().count("Traceback")
         at_max = float(value_before) >= float(handle.get_attribute("aria-valuemax"))
         handle.focus()
         page.keyboard.press("ArrowLeft" if at_max else "ArrowRight")
@@ -328,8 +329,9 @@ def exercise(page, lab, relpath, slider_timeout_s=SLIDER_TIMEOUT_S):
                 break
             time.sleep(0.25)
         text = area.inner_text()
-        if "Traceback" in text:
-            found.slider_errors.append(f"{label}: {text[text.index('Traceback') - 200:][:600]}")
+        if text.count("Traceback") > tracebacks_before:
+            at = text.rindex("Traceback")
+            found.slider_errors.append(f"{label}: {text[max(0, at - 200):at + 400]}")
         found.sliders.append((label, value_before, value_after, changed))
     return found
 
@@ -381,6 +383,7 @@ WIDGET_NOTEBOOKS = notebooks_with_widgets()
 @pytest.mark.parametrize("notebook", WIDGET_NOTEBOOKS, ids=[p.stem for p in WIDGET_NOTEBOOKS])
 def test_course_notebook_in_the_browser(lab, page, notebook):
     found = exercise(page, lab, f"notebooks/{notebook.name}")
+    print(found)  # shown with -s, and with the failure report
     assert found.problems() == []
     assert found.widget_outputs >= 1, "the notebook uses widgets but displayed none"
     assert found.sliders, "no slider found to move"

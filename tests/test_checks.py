@@ -510,6 +510,75 @@ def test_function_forward_raising_or_returning_junk(capsys):
         assert not ok and out.startswith("Not quite."), out
 
 
+def learner_function(forward_body, backward_body=None):
+    """An autograd.Function written in torch, the way the notebook's exercise asks, with one
+    step replaced: forward_body(ctx, x, gamma, beta, eps) and backward_body(ctx, dout)."""
+
+    def backward_right(ctx, dout):
+        x_hat, inv_std, gamma = ctx.saved_tensors
+        dims, shape = [0] + list(range(2, dout.dim())), (1, -1) + (1,) * (dout.dim() - 2)
+        m = dout.numel() // dout.shape[1]
+        dbeta, dgamma = dout.sum(dim=dims), (dout * x_hat).sum(dim=dims)
+        dx = gamma.reshape(shape) * inv_std * (dout - dbeta.reshape(shape) / m
+                                               - x_hat * dgamma.reshape(shape) / m)
+        return dx, dgamma, dbeta, None
+
+    class Learner(torch.autograd.Function):
+        forward = staticmethod(forward_body)
+        backward = staticmethod(backward_body or backward_right)
+
+    return Learner
+
+
+def torch_forward(ctx, x, gamma, beta, eps, dims=None, save=True, reshape=True, in_place=False,
+                  save_eps=False):
+    dims = [0] + list(range(2, x.dim())) if dims is None else dims
+    shape = (1, -1) + (1,) * (x.dim() - 2) if reshape else (-1,)
+    mu = x.mean(dim=dims, keepdim=True)
+    x_mu = x.sub_(mu) if in_place else x - mu
+    inv_std = 1 / torch.sqrt((x_mu ** 2).mean(dim=dims, keepdim=True) + eps)
+    x_hat = x_mu * inv_std
+    if save:
+        ctx.save_for_backward(x_hat, inv_std, gamma, *([eps] if save_eps else []))
+    return gamma.reshape(shape) * x_hat + beta.reshape(shape)
+
+
+def test_function_written_in_torch_is_accepted(capsys):
+    assert run(checks.check_batchnorm_function, learner_function(torch_forward), capsys)[0]
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(reshape=False), "(N, C) input but not an (N, C, H, W)"),   # gamma (C,) against (N, C, H, W)
+    (dict(save=False), "ctx.saved_tensors gives back exactly"),      # nothing saved, three unpacked
+    (dict(save_eps=True), "ctx.eps = eps"),                         # a float in save_for_backward
+    (dict(in_place=True), "changed its input x in place"),          # x.sub_(mu): the caller's x is lost
+])
+def test_function_explains_torch_mistakes(options, needle, capsys):
+    cls = learner_function(lambda ctx, x, gamma, beta, eps: torch_forward(ctx, x, gamma, beta, eps, **options))
+    ok, out = run(checks.check_batchnorm_function, cls, capsys)
+    assert not ok and needle in out, out
+
+
+def test_function_backward_for_2d_only_gets_the_spatial_hint(capsys):
+    def backward_2d(ctx, dout):
+        x_hat, inv_std, gamma = ctx.saved_tensors
+        m = dout.shape[0]
+        dbeta, dgamma = dout.sum(dim=0), (dout * x_hat).sum(dim=0)
+        return gamma * inv_std * (dout - dbeta / m - x_hat * dgamma / m), dgamma, dbeta, None
+
+    ok, out = run(checks.check_batchnorm_function, learner_function(torch_forward, backward_2d), capsys)
+    assert not ok and "backward, on an input of shape (4, 3, 2, 5)" in out, out
+    assert "(N, C) input but not an (N, C, H, W)" in out, out
+
+
+def test_function_forward_without_return_is_asked_about_return(capsys):
+    def forward_no_return(ctx, x, gamma, beta, eps):
+        torch_forward(ctx, x, gamma, beta, eps)
+
+    ok, out = run(checks.check_batchnorm_function, learner_function(forward_no_return), capsys)
+    assert not ok and "Not attempted yet" in out and "`return` statement" in out, out
+
+
 # ---------------------------------------------------------------------------- never raises
 
 class Hostile:

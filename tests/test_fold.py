@@ -92,6 +92,18 @@ def test_affine_false_and_course_batchnorm():
             assert torch.allclose(fold_batchnorm(conv, bn)(x), bn(conv(x)), atol=1e-5)
 
 
+def test_course_batchnorm_without_bias():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 4).eval()
+    bn = BatchNorm(4, bias=False)
+    with torch.no_grad():
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2), bn.weight.normal_()
+    bn.eval()
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.allclose(fold_batchnorm(layer, bn)(x), bn(layer(x)), atol=1e-5)
+
+
 def test_folded_layer_is_a_trainable_independent_copy():
     conv, bn = nn.Linear(3, 4), trained_like_bn(nn.BatchNorm1d, 4, 0)
     folded = fold_batchnorm(conv, bn)

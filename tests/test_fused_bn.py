@@ -115,3 +115,11 @@ def test_bad_input_gets_clear_errors():
         layer(torch.ones(4, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         layer(torch.randn(3))
+
+
+def test_the_function_checks_its_input_too():
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        fused_bn.fused_batchnorm(x, torch.ones(5), torch.zeros(3), use_compile=False)
+    with pytest.raises(TypeError, match="floating-point"):
+        fused_bn.fused_batchnorm(x.long(), None, None, use_compile=False)

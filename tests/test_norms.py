@@ -304,3 +304,13 @@ def test_hard_batches(data, seed):
         assert hard[("group", c)] > hard[("renorm", c)] + 0.05
     assert hard[("group", "one class")] > 0.9
     assert min(hard[(n, "batch 4")] for n in ("batch", "renorm", "group")) > 0.85
+
+
+def test_hard_batches_reuses_known_runs(data):
+    """Runs already made by batch_size_sweep (same seed, steps, lr) give the same accuracy and are reused."""
+    sweep = batch_size_sweep(data, seeds=(0,), batch_sizes=(4,), norms=("group",), steps=50, progress=False)
+    known = {(r["norm"], r["batch_size"]): r["final_accuracy"] for r in sweep}
+    fresh = hard_batches(data, seed=0, steps=50, small_batches=(4,), norms=("group",))
+    reused = hard_batches(data, seed=0, steps=50, small_batches=(4,), norms=("group",), known={("group", 4): -1.0})
+    assert fresh[("group", "batch 4")] == known[("group", 4)]
+    assert reused[("group", "batch 4")] == -1.0 and reused[("group", "one class")] == fresh[("group", "one class")]

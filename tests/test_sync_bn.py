@@ -151,3 +151,9 @@ def test_the_notebooks_per_process_margins_hold_for_many_seeds():
         local_diff = sync_bn.max_differences(per_rank, reference)
         assert min(local_diff[k] for k in ("out", "dx", "dgamma", "running_var")) > 1e-3, (seed, local_diff)
         assert local_diff["running_mean"] > 1e-5, (seed, local_diff)
+
+
+def test_the_function_checks_its_input_too():
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(ValueError, match="beta must have shape"):
+        sync_bn.sync_batchnorm(x, torch.ones(3), torch.zeros(2))
