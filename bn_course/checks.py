@@ -22,6 +22,8 @@ check_running_stats_update     ``fn(running_mean, running_var, x, momentum) -> (
                                batch variance unbiased)
 check_batchnorm_function       a ``torch.autograd.Function`` subclass ``cls`` used as
                                ``cls.apply(x, gamma, beta, eps) -> out``
+check_fold_linear              ``fn(W, c, gamma, beta, running_mean, running_var, eps)
+                               -> (W_folded, b_folded)`` (torch tensors; notebook 08)
 =============================  =================================================================
 
 Shapes: ``x`` and ``dout`` are ``(N, C)`` or ``(N, C, *spatial)``; ``gamma``, ``beta``,
@@ -37,6 +39,7 @@ __all__ = [
     "check_batchnorm_backward",
     "check_running_stats_update",
     "check_batchnorm_function",
+    "check_fold_linear",
 ]
 
 # float64 inputs: a correct answer agrees to ~1e-12; every named mistake differs by > 1e-2.
@@ -775,3 +778,123 @@ def check_batchnorm_function(cls):
     except Exception as err:  # noqa: BLE001 - never raise on a learner's class
         return _fail(f"something went wrong running your Function: {type(err).__name__}: {err}")
     return _passed("forward and backward match the reference on (N, C) and (N, C, H, W) inputs.")
+
+
+# ---------------------------------------------------------------------------------------
+# Folding an eval-mode batch norm into the linear layer before it (notebook 08)
+# ---------------------------------------------------------------------------------------
+
+def _fold(W, c, gamma, beta, mu, var, eps, columns=False, eps_mode="inside", sqrt=True, invert=False,
+          use_c=True, scale_c=True, scale_mu=True, use_mu=True):
+    """The folded (W_folded, b_folded), or a named variant of it (the mistakes below)."""
+    import torch
+    if not sqrt:
+        std = var + eps
+    elif eps_mode == "inside":
+        std = torch.sqrt(var + eps)
+    elif eps_mode == "outside":
+        std = torch.sqrt(var) + eps
+    else:
+        std = torch.sqrt(var)
+    a = std / gamma if invert else gamma / std
+    W_folded = W * a.reshape(1, -1) if columns else W * a.reshape(-1, 1)
+    b_folded = beta + ((a * c if scale_c else c) if use_c else 0)
+    if use_mu:
+        b_folded = b_folded - (a * mu if scale_mu else mu)
+    return W_folded, b_folded
+
+
+FOLD_W_MISTAKES = [
+    ("inputs scaled instead of outputs",
+     "a[k] scales output k of the layer, i.e. row k of W (shape (C_out, C_in)): "
+     "W_folded = a[:, None] * W. Your W * a scales column k, which is input k.", {"columns": True}),
+    ("epsilon outside the square root",
+     "BN divides by sqrt(running_var + eps), so a = gamma / sqrt(running_var + eps), not "
+     "gamma / (sqrt(running_var) + eps).", {"eps_mode": "outside"}),
+    ("epsilon left out",
+     "The eval-mode BN divides by sqrt(running_var + eps); without eps the folded layer is not "
+     "the same function (and divides by zero for a channel with zero variance).", {"eps_mode": "none"}),
+    ("variance used instead of standard deviation",
+     "x_hat divides by the standard deviation: a = gamma / sqrt(running_var + eps) (with the square root).",
+     {"sqrt": False}),
+    ("a turned upside down", "a = gamma / sqrt(running_var + eps): gamma on top.", {"invert": True}),
+]
+FOLD_B_MISTAKES = [
+    ("the layer's bias c forgotten",
+     "The layer adds c before BN, and BN scales it by a: b_folded = a * (c - running_mean) + beta.",
+     {"use_c": False}),
+    ("the layer's bias c not scaled",
+     "c is added before BN, so BN multiplies it by a too: b_folded = a * (c - running_mean) + beta.",
+     {"scale_c": False}),
+    ("running_mean forgotten",
+     "The eval-mode BN first subtracts running_mean: b_folded = a * (c - running_mean) + beta.",
+     {"use_mu": False}),
+    ("running_mean not scaled",
+     "running_mean is subtracted before the division, so it is scaled by a as well: "
+     "b_folded = a * (c - running_mean) + beta.", {"scale_mu": False}),
+]
+
+
+@_never_raises
+def check_fold_linear(fn):
+    """Check ``fn(W, c, gamma, beta, running_mean, running_var, eps) -> (W_folded, b_folded)``.
+
+    The layer is ``z = x @ W.T + c`` (``nn.Linear``: W of shape (C_out, C_in), c of shape (C_out,)),
+    followed by an eval-mode batch norm with gamma, beta, running_mean, running_var of shape (C_out,).
+    The folded layer ``x @ W_folded.T + b_folded`` must be the same function. Inputs are float64
+    torch tensors; eps is large (0.1) so that a misplaced eps shows. Prints what is wrong (naming
+    common mistakes) and returns True or False; never raises.
+    """
+    import torch
+    if not callable(fn):
+        return _fail("expected a function fn(W, c, gamma, beta, running_mean, running_var, eps), "
+                     f"got {type(fn).__name__}.")
+    eps = 0.1
+    for case, (C_out, C_in) in enumerate([(4, 4), (5, 3)]):
+        g = torch.Generator().manual_seed(40 + case)
+        W = torch.randn(C_out, C_in, generator=g, dtype=torch.float64)
+        c = torch.randn(C_out, generator=g, dtype=torch.float64)
+        gamma = torch.rand(C_out, generator=g, dtype=torch.float64) + 0.5
+        beta = torch.randn(C_out, generator=g, dtype=torch.float64)
+        mu = torch.randn(C_out, generator=g, dtype=torch.float64) + 1.0
+        var = torch.rand(C_out, generator=g, dtype=torch.float64) * 2 + 0.5
+        args = [t.clone() for t in (W, c, gamma, beta, mu, var)]
+        where = f"With W of shape {(C_out, C_in)}: "
+        try:
+            result = _call(fn, *args, eps)
+        except _NotAttempted as stub:
+            return _not_attempted("the folding function", stub.returned_none)
+        except _Raised as err:
+            hint = (" A size mismatch usually means a is multiplied along the wrong axis of W: "
+                    "a has one value per output, row k of W, so write a[:, None] * W "
+                    "(or a.reshape(-1, 1) * W)." if "size" in str(err) else "")
+            return _fail(where + f"your function raised {err}.{hint}")
+        if not all(torch.equal(t, u) for t, u in zip(args, (W, c, gamma, beta, mu, var))):
+            return _fail(where + "your function changed its inputs in place (e.g. W *= a). Folding must "
+                         "leave the trained layer and BN untouched: compute new tensors instead.")
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            return _fail(where + f"fn returned {type(result).__name__}; it should return two tensors "
+                         "(W_folded, b_folded).")
+        expected = [t.numpy() for t in _fold(W, c, gamma, beta, mu, var, eps)]
+        for value, exp, name, mistakes in ((result[0], expected[0], "W_folded", FOLD_W_MISTAKES),
+                                           (result[1], expected[1], "b_folded", FOLD_B_MISTAKES)):
+            problem = _compare(value, exp, name)
+            if problem is None:
+                continue
+            if _is_structural(problem):
+                hint = (" W_folded has W's shape (C_out, C_in); b_folded has one value per output, (C_out,)."
+                        if "shape" in problem else "")
+                return _fail(where + problem + hint)
+            index = 0 if name == "W_folded" else 1
+            if index == 0 and _matches(value, exp.T):
+                return _fail(where + "W_folded is transposed. Keep W's layout, (C_out, C_in): row k holds "
+                             "the weights of output k, and a[k] scales that row: a[:, None] * W.")
+            for label, why, options in mistakes:
+                wrong = _fold(W, c, gamma, beta, mu, var, eps, **options)[index].numpy()
+                if _matches(value, wrong):
+                    return _fail(where + f"{name}: {label}. {why}")
+            return _fail(where + problem + " Write the eval-mode BN as out = a * z + b per output k, with "
+                         "a = gamma / sqrt(running_var + eps) and b = beta - a * running_mean, then put "
+                         "z = W x + c into it.")
+    return _passed("x @ W_folded.T + b_folded equals the linear layer followed by the eval-mode batch "
+                   "norm, for square and non-square W.")

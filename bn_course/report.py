@@ -122,7 +122,7 @@ def markdown_table(results):
     rows.append(f"| **total** ({len(results)} notebooks) | **{total:.1f}** | **{_mb(peak):.0f}** (max) |")
     import torch
 
-    where = (f"Measured by `python -m bn_course.report` on {os.cpu_count()} CPU cores "
+    where = (f"Measured by `python -m bn_course.report` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores "
              f"({platform.machine()}, {platform.system()}), Python {platform.python_version()}, "
              f"torch {torch.__version__}, device: {'CUDA GPU' if torch.cuda.is_available() else 'CPU'}; "
              "peak memory is the largest resident set size of the kernel or any process it started.")

@@ -23,26 +23,28 @@ API overview
     momentum experiments. Returns the history's summary, ``steps_to_90`` and ``history``.
 ``good_range(rows, threshold=0.9, x="lr") -> sorted list``
     The values of ``x`` at which every seed's run reached ``threshold`` without diverging.
-``best_steps(rows, norm, seed) -> number``
-    The fewest steps to 90% over the rows (e.g. the learning rates) of one ``norm`` and seed;
-    ``math.inf`` if no run got there.
+``split_lr_run(seed, depth=8, lr=10.0, lr_unprotected=1.0, steps=200)``
+    The ReLU MLP with BN, where only the weights that BN normalizes get ``lr``; BN's own
+    gamma and beta and the last layer get ``lr_unprotected``.
 ``depth_profile(depth, norm, seed, init_scale=None, n=500)``
     Per-layer RMS of the activations and of the loss gradient at initialization
     (``bn_course.recording.layer_norms``), with ``gradient_growth`` and ``activation_ratio``.
 ``cnn_run(norm, seed, steps=300, lr=0.1, eval_every=10)``
     The small CNN (Conv -> Norm -> ReLU -> MaxPool, 16 and 32 channels).
+``mean_accuracy(history, until=100)``, ``best_run(rows, norm, seed, until=100)``
+    Speed as the mean test accuracy over the first ``until`` steps (the area under the
+    accuracy curve), and the run of a grid (e.g. of learning rates) that is best by it.
 """
 
-import math
-
 import torch
+import torch.nn.functional as F
 
 import bn_course
-from bn_course.data import load_digits_split
+from bn_course.data import batches, load_digits_split
 from bn_course.models import cnn, mlp
 from bn_course.recording import PercentileTracker, layer_norms
 from bn_course.sweep import select
-from bn_course.train import train
+from bn_course.train import evaluate, train
 
 _DATA = {}
 
@@ -130,13 +132,6 @@ def good_range(rows, threshold=0.9, x="lr"):
     return sorted(v for v, good in ok.items() if good)
 
 
-def best_steps(rows, norm, seed):
-    """Fewest steps to 90% over the rows of one ``norm`` and ``seed`` (e.g. over a grid of learning
-    rates); ``math.inf`` if none of them got there."""
-    return min((r["steps_to_90"] for r in select(rows, norm=norm, seed=seed) if r["steps_to_90"] is not None),
-               default=math.inf)
-
-
 def depth_profile(depth, norm, seed, init_scale=None, n=500, device=None):
     """Per-layer activation and gradient sizes at initialization, for a ReLU MLP of ``depth`` layers.
 
@@ -161,3 +156,44 @@ def cnn_run(norm, seed, steps=300, lr=0.1, eval_every=10, device=None):
     bn_course.seed_everything(seed)
     history = _train(cnn(norm=norm), steps, lr, seed, eval_every, device=device)
     return {**history.summary(), "steps_to_90": history.steps_to(0.9), "history": history}
+
+
+def mean_accuracy(history, until=100):
+    """Mean test accuracy over the evaluations at steps 0..``until``: the area under the
+    accuracy curve divided by its length. A measure of speed that uses every evaluation,
+    so it is less noisy than the step at which one evaluation first crosses a threshold."""
+    acc = [a for step, a in zip(history.steps, history.test_accuracy) if step <= until]
+    return sum(acc) / len(acc)
+
+
+def best_run(rows, norm, seed, until=100):
+    """Among the rows of one ``norm`` and ``seed`` (e.g. a grid of learning rates), the run that
+    did not diverge and has the highest ``mean_accuracy(history, until)``; None if all diverged."""
+    runs = [r for r in select(rows, norm=norm, seed=seed) if not r["diverged"]]
+    return max(runs, key=lambda r: mean_accuracy(r["history"], until), default=None)
+
+
+def split_lr_run(seed, depth=8, lr=10.0, lr_unprotected=1.0, steps=200, device=None):
+    """Section 2's ReLU MLP with BN (He init), plain SGD with two learning rates.
+
+    The weights of the linear layers that feed a BN layer (``linear1``, ``linear2``, ...) get
+    ``lr``; the parameters that BN does not make scale invariant (its own ``gamma`` and ``beta``,
+    and the last layer ``out``) get ``lr_unprotected``. Returns ``final_accuracy`` (test set,
+    after ``steps`` steps) and ``diverged`` (a NaN or infinite loss).
+    """
+    bn_course.seed_everything(seed)
+    data = digits(device)
+    model = mlp(hidden=(100,) * depth, norm="batch", init_scale=2 ** 0.5).to(data.x_train.device)
+    normalized = [p for name, p in model.named_parameters() if name.startswith("linear")]
+    unprotected = [p for name, p in model.named_parameters() if not name.startswith("linear")]
+    optimizer = torch.optim.SGD([{"params": normalized, "lr": lr}, {"params": unprotected, "lr": lr_unprotected}])
+    stream = batches(data.x_train, data.y_train, batch_size=60, seed=seed)
+    for _ in range(steps):
+        x, y = next(stream)
+        loss = F.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            return {"final_accuracy": evaluate(model, data.x_test, data.y_test)[1], "diverged": True}
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"final_accuracy": evaluate(model, data.x_test, data.y_test)[1], "diverged": False}

@@ -168,3 +168,65 @@ def test_benchmark_runs_and_reports_tiny_error():
         assert r["unfolded_ms"] > 0 and r["folded_ms"] > 0
         assert r["max_abs_error"] < 1e-4
     assert "speed-up" in format_table(rows)
+
+
+# --- the exercise checker of notebook 08 -------------------------------------------------------
+
+def _right_fold(W, c, gamma, beta, running_mean, running_var, eps):
+    a = gamma / torch.sqrt(running_var + eps)
+    return a[:, None] * W, a * (c - running_mean) + beta
+
+
+def _run_checker(fn, capsys):
+    from bn_course.checks import check_fold_linear
+    ok = check_fold_linear(fn)
+    return ok, capsys.readouterr().out
+
+
+def test_fold_checker_passes_the_solution_and_the_package(capsys):
+    ok, out = _run_checker(_right_fold, capsys)
+    assert ok and out.startswith("Correct!")
+
+    def with_package(W, c, gamma, beta, running_mean, running_var, eps):
+        layer, bn = nn.Linear(W.shape[1], W.shape[0]).double(), nn.BatchNorm1d(W.shape[0], eps=eps).double()
+        with torch.no_grad():
+            layer.weight.copy_(W), layer.bias.copy_(c), bn.weight.copy_(gamma), bn.bias.copy_(beta)
+            bn.running_mean.copy_(running_mean), bn.running_var.copy_(running_var)
+        folded = fold_batchnorm(layer, bn.eval())
+        return folded.weight.detach(), folded.bias.detach()
+
+    assert _run_checker(with_package, capsys)[0]
+
+
+def test_fold_checker_names_each_mistake_and_never_raises(capsys):
+    from bn_course.checks import FOLD_B_MISTAKES, FOLD_W_MISTAKES, _fold
+
+    def stub(*args):
+        raise NotImplementedError
+
+    ok, out = _run_checker(stub, capsys)
+    assert not ok and "Not attempted yet" in out
+    for index, mistakes in ((0, FOLD_W_MISTAKES), (1, FOLD_B_MISTAKES)):
+        for label, _, options in mistakes:
+            def wrong(W, c, g, b, m, v, eps, options=options, index=index):
+                right = _fold(W, c, g, b, m, v, eps)
+                return _fold(W, c, g, b, m, v, eps, **options) if index == 0 else (right[0],
+                                                                                  _fold(W, c, g, b, m, v, eps, **options)[1])
+            ok, out = _run_checker(wrong, capsys)
+            assert not ok and label in out, (label, out)
+
+    def in_place(W, c, gamma, beta, running_mean, running_var, eps):
+        W_folded, b_folded = _right_fold(W, c, gamma, beta, running_mean, running_var, eps)
+        W.copy_(W_folded)
+        return W, b_folded
+
+    def transposed(*args):
+        W_folded, b_folded = _right_fold(*args)
+        return W_folded.T, b_folded
+
+    for fn, expected in ((in_place, "changed its inputs in place"), (transposed, "transposed"),
+                         (lambda *args: _right_fold(*args)[0], "should return two tensors"),
+                         (lambda *args: 1 / 0, "ZeroDivisionError"),
+                         (lambda *args: ("a", "b"), "array of floats"), (3, "expected a function")):
+        ok, out = _run_checker(fn, capsys)
+        assert not ok and expected in out, (expected, out)
