@@ -248,47 +248,66 @@ def _digits(data, device):
     return load_digits_split(device=device) if data is None else data
 
 
-def ics_during_training(norm, seed=0, steps=600, lr=0.1, every=50, hidden=(100, 100, 100),
-                        activation="relu", data=None, device=None, progress=False):
-    """Train ``bn_course.models.mlp(norm=norm)`` with plain SGD and measure ICS along the way.
+class Snapshots:
+    """A ``train(..., callback=...)`` callback that keeps snapshots to measure after training.
 
-    Every ``every`` steps, :func:`internal_covariate_shift` is measured on the batch just used,
-    with the training learning rate ``lr``. data: a DigitsSplit (default: the digits, split seed 0).
-    Returns a dict: ``steps`` (T,), ``layers`` (L names), ``rel_diff``, ``cosine``, ``diff_norm``
-    (each a (T, L) tensor) and ``history`` (the training History).
+    Every ``every`` steps it stores a copy of the model (just updated) and the batch ``(x, y)``
+    that step trained on. Iterating gives ``(step, model, x, y)``; the copies are independent of
+    the model that goes on training, so any measurement can be made later, on the same points.
     """
-    data = _digits(data, device)
-    seed_everything(seed)
-    model = mlp(hidden=hidden, activation=activation, norm=norm)
-    rows = {"steps": [], "rel_diff": [], "cosine": [], "diff_norm": []}
-    layers = []
 
-    def measure(step, model, x, y, **_):
-        if step % every == 0:
-            r = internal_covariate_shift(model, x, y, lr)
-            layers[:] = r["layer"]
-            rows["steps"].append(step)
-            for key in ("rel_diff", "cosine", "diff_norm"):
-                rows[key].append(r[key])
+    def __init__(self, every=50):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}.")
+        self.every = every
+        self.steps, self.models, self.batches = [], [], []
 
-    history = train(model, data, steps, lr, seed=seed, device=device, progress=progress,
-                    callback=measure, eval_every=every)
-    out = {"steps": rows["steps"], "layers": layers, "history": history}
-    for key in ("rel_diff", "cosine", "diff_norm"):
-        out[key] = torch.tensor(rows[key])
+    def __call__(self, step, model, x, y, **_):
+        if step % self.every == 0:
+            self.steps.append(step)
+            self.models.append(copy.deepcopy(model))
+            self.batches.append((x, y))
+        return False
+
+    def __len__(self):
+        return len(self.steps)
+
+    def __iter__(self):
+        for step, model, (x, y) in zip(self.steps, self.models, self.batches):
+            yield step, model, x, y
+
+
+def ics_along_training(snapshots, lr):
+    """:func:`internal_covariate_shift` at every snapshot (:class:`Snapshots`) of a training run.
+
+    lr: the step the earlier layers take (use the training learning rate).
+    Returns a dict: ``steps`` (T,), ``layers`` (L names), ``rel_diff``, ``cosine``, ``diff_norm``
+    (each a (T, L) tensor).
+    """
+    if len(snapshots) == 0:
+        raise ValueError("no snapshots to measure (was the run shorter than `every` steps?).")
+    rows = {"rel_diff": [], "cosine": [], "diff_norm": []}
+    for _, model, x, y in snapshots:
+        r = internal_covariate_shift(model, x, y, lr)
+        for key in rows:
+            rows[key].append(r[key])
+    out = {"steps": list(snapshots.steps), "layers": r["layer"]}
+    out.update({key: torch.tensor(value) for key, value in rows.items()})
     return out
 
 
 NOISE_VARIANTS = ("none", "batch", "noisy batch", "noisy none")
 
 
-def noisy_bn_experiment(variant, seed=0, steps=600, lr=0.1, max_shift=1.0, max_scale=2.0, eval_every=25,
-                        probe=2, hidden=(100, 100, 100), data=None, device=None, progress=False):
-    """One training run of the noisy-BN experiment.
+def train_and_record(variant, seed=0, steps=400, lr=0.1, max_shift=1.0, max_scale=2.0, eval_every=25,
+                     probe=2, hidden=(100, 100, 100), callback=None, data=None, device=None, progress=False):
+    """Train one network of notebook 06 and record the input of one layer at every step.
 
     variant: "none" (no BN), "batch" (BN), "noisy batch" (BN, then :class:`NoisyShift` after each BN),
-             "noisy none" (no BN, the same noise after each hidden Linear).
+             "noisy none" (no BN, the same noise after each hidden Linear) -- the noisy-BN experiment.
     probe: index of the weight layer whose input distribution is recorded (2 = the third).
+    callback: an extra ``train`` callback, e.g. :class:`Snapshots` to measure later.
+    Test accuracy is evaluated every ``eval_every`` steps (the training set is not evaluated).
     Returns a dict: ``history`` and ``drift`` (:func:`input_drift` of the probe layer's input over
     all training steps), plus ``means`` (T, C) of that input, for plots.
     """
@@ -303,7 +322,8 @@ def noisy_bn_experiment(variant, seed=0, steps=600, lr=0.1, max_shift=1.0, max_s
         model = add_noise_after(model, "batchnorm" if norm == "batch" else "linear", max_shift, max_scale, generator)
     recorder = LayerInputMoments(weight_layers(model)[probe][1])
     try:
-        history = train(model, data, steps, lr, seed=seed, device=device, progress=progress, eval_every=eval_every)
+        history = train(model, data, steps, lr, seed=seed, device=device, progress=progress, eval_every=eval_every,
+                        callback=callback, eval_train=False)
     finally:
         recorder.remove()
     return {"history": history, "drift": input_drift(recorder.means, recorder.stds), "means": recorder.means}

@@ -182,36 +182,28 @@ def predicted_norm_growth(norm_sq, lr, grad_norm):
     return norm_sq + lr ** 2 * grad_norm ** 2
 
 
-def landscape_during_training(norm, seed=0, steps=600, lr=0.1, every=50, step_factors=(0.5, 1, 2, 4),
-                              hidden=(100, 100, 100), activation="relu", data=None, device=None,
-                              progress=False):
-    """Train ``bn_course.models.mlp(norm=norm)`` with plain SGD; walk along the gradient every ``every`` steps.
+def landscape_along_training(snapshots, step_sizes):
+    """Walk along the gradient (:func:`loss_along_gradient`) at every snapshot of a training run.
 
-    The walk (:func:`loss_along_gradient`) uses the batch just trained on and step sizes
-    ``lr * f`` for f in ``step_factors``. Returns a dict: ``steps`` (T,), ``loss_range``,
-    ``max_grad_change``, ``smoothness``, ``grad_norm`` (each (T,) tensors) and ``history``.
+    snapshots: a ``bn_course.covariate_shift.Snapshots`` (each holds a model copy and the batch
+    that step trained on). step_sizes: the step sizes of each walk, e.g. ``lr * f`` for f in (0.5, 1, 2, 4).
+    Returns a dict: ``steps`` (T,), ``loss_range``, ``max_grad_change``, ``smoothness`` and
+    ``grad_norm`` (each a (T,) tensor; see :func:`landscape_summary`).
     """
-    data = _digits(data, device)
-    seed_everything(seed)
-    model = mlp(hidden=hidden, activation=activation, norm=norm)
-    rows = {"steps": [], "loss_range": [], "max_grad_change": [], "smoothness": [], "grad_norm": []}
-
-    def measure(step, model, x, y, **_):
-        if step % every == 0:
-            walk = loss_along_gradient(model, x, y, [lr * f for f in step_factors])
-            rows["steps"].append(step)
-            rows["grad_norm"].append(walk["grad_norm"])
-            for key, value in landscape_summary(walk).items():
-                rows[key].append(value)
-
-    history = train(model, data, steps, lr, seed=seed, device=device, progress=progress,
-                    callback=measure, eval_every=every)
-    out = {key: torch.tensor(value) for key, value in rows.items() if key != "steps"}
-    out.update(steps=rows["steps"], history=history)
+    if len(snapshots) == 0:
+        raise ValueError("no snapshots to measure (was the run shorter than `every` steps?).")
+    rows = {"loss_range": [], "max_grad_change": [], "smoothness": [], "grad_norm": []}
+    for _, model, x, y in snapshots:
+        walk = loss_along_gradient(model, x, y, step_sizes)
+        rows["grad_norm"].append(walk["grad_norm"])
+        for key, value in landscape_summary(walk).items():
+            rows[key].append(value)
+    out = {key: torch.tensor(value) for key, value in rows.items()}
+    out["steps"] = list(snapshots.steps)
     return out
 
 
-def weight_norm_experiment(seed=0, steps=600, lr=0.1, weight_decay=0.0, hidden=(100, 100, 100),
+def weight_norm_experiment(seed=0, steps=400, lr=0.1, weight_decay=0.0, hidden=(100, 100, 100),
                            data=None, device=None, progress=False):
     """Train a BN MLP with plain SGD and record, every step, the norm of each weight feeding a BN.
 

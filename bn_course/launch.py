@@ -86,10 +86,14 @@ def _log_tail(path):
     return text[-_LOG_TAIL_CHARS:].strip()
 
 
-def _exit_when_orphaned(parent_pid):
-    """Stop this process if its parent (the notebook kernel or test) disappears."""
+def _exit_when_orphaned(parent_pid, workdir):
+    """Stop this process if its parent (the notebook kernel or test) disappears.
+
+    The parent, killed outright, could not delete the launch folder: the first rank to notice does.
+    """
     while True:
         if os.getppid() != parent_pid:
+            shutil.rmtree(workdir, ignore_errors=True)
             os._exit(3)
         time.sleep(0.5)
 
@@ -98,7 +102,8 @@ def _worker_main(job_path):
     """What each launched process runs: join the group, call the function, write the result."""
     with open(job_path, "rb") as f:
         job = pickle.load(f)
-    threading.Thread(target=_exit_when_orphaned, args=(job["parent_pid"],), daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, args=(job["parent_pid"], job["workdir"]),
+                     daemon=True).start()
     rank, files = job["rank"], _paths(job["workdir"], job["rank"])
 
     import torch
@@ -191,7 +196,8 @@ def _collect(processes, workdir, timeout):
                 failed.append(rank)
         if failed:
             time.sleep(0.2)  # let a rank that failed at the same moment write its error too
-            failed = [r for r in range(world_size) if processes[r].poll() not in (None, 0)]
+            # ... and count it; a rank that exited with code 0 but wrote no result stays in the list
+            failed = sorted(set(failed) | {r for r in range(world_size) if processes[r].poll() not in (None, 0)})
             _raise_failure(failed, processes, workdir)
         if pending and time.monotonic() > deadline:
             tails = "\n".join(f"--- rank {r} ---\n{_log_tail(_paths(workdir, r)['log'])}" for r in sorted(pending))

@@ -10,9 +10,12 @@ from torch import nn
 
 from bn_course import seed_everything
 from bn_course.covariate_shift import (
-    LayerInputMoments, NoisyShift, add_noise_after, ics_during_training, input_drift,
-    internal_covariate_shift, noisy_bn_experiment, weight_layers)
+    LayerInputMoments, NoisyShift, Snapshots, add_noise_after, ics_along_training, input_drift,
+    internal_covariate_shift, train_and_record, weight_layers)
+from bn_course.data import load_digits_split
+from bn_course.landscape import landscape_along_training
 from bn_course.models import mlp
+from bn_course.train import train
 
 
 def mse(out, y):
@@ -161,22 +164,41 @@ def test_input_drift_by_hand():
         input_drift(means[:1], stds[:1])
 
 
+def test_snapshots_keep_independent_copies_and_ics_along_training_measures_each():
+    data = load_digits_split()
+    seed_everything(0)
+    model = mlp(hidden=(16, 16), norm="batch")
+    snaps = Snapshots(every=5)
+    train(model, data, 12, 0.1, progress=False, callback=snaps)
+    assert snaps.steps == [5, 10] and len(snaps) == 2
+    step, copy5, x, y = next(iter(snaps))
+    assert step == 5 and x.shape == (60, 64) and y.shape == (60,)
+    assert not torch.equal(copy5.linear1.weight, model.linear1.weight), "a copy, frozen at step 5"
+    r = ics_along_training(snaps, lr=0.1)
+    assert r["steps"] == [5, 10] and r["layers"] == ["linear2", "out"] and r["cosine"].shape == (2, 2)
+    by_hand = internal_covariate_shift(copy5, x, y, lr=0.1)
+    assert r["rel_diff"][0].tolist() == pytest.approx(by_hand["rel_diff"])
+    with pytest.raises(ValueError, match="no snapshots"):
+        ics_along_training(Snapshots(every=50), lr=0.1)
+    with pytest.raises(ValueError, match="every must be"):
+        Snapshots(every=0)
+
+
 @pytest.mark.parametrize("seed", [5, 6])
-def test_bn_does_not_reduce_ics_for_other_seeds(seed):
-    """Notebook 06's conclusion, rerun at a third of the size: BN does not make the gradient turn less."""
-    runs = {n: ics_during_training(n, seed=seed, steps=200, every=50) for n in ("none", "batch")}
-    angle = {n: float((1 - r["cosine"]).mean()) for n, r in runs.items()}
-    rel = {n: float(r["rel_diff"].mean()) for n, r in runs.items()}
+def test_notebook_06_conclusions_for_other_seeds(seed):
+    """Notebook 06, sections 1-3, at 300 steps instead of 400, for seeds the notebook does not show."""
+    data = load_digits_split()
+    snaps = {n: Snapshots(every=50) for n in ("none", "batch")}
+    runs = {v: train_and_record(v, seed=seed, steps=300, callback=snaps.get(v), data=data)
+            for v in ("none", "batch", "noisy batch", "noisy none")}
+    # 1. BN does not make the earlier layers' step change a layer's gradient less
+    ics = {n: ics_along_training(s, lr=0.1) for n, s in snaps.items()}
+    assert ics["batch"]["layers"] == ["linear2", "linear3", "out"] and ics["batch"]["cosine"].shape == (6, 3)
+    angle = {n: float((1 - r["cosine"]).mean()) for n, r in ics.items()}
+    rel = {n: float(r["rel_diff"].mean()) for n, r in ics.items()}
     assert angle["batch"] > 0.8 * angle["none"], angle
     assert rel["batch"] > 0.8 * rel["none"], rel
-    assert runs["batch"]["layers"] == ["linear2", "linear3", "out"]
-    assert runs["batch"]["cosine"].shape == (4, 3)
-
-
-@pytest.mark.parametrize("seed", [5, 6])
-def test_noisy_bn_still_trains_for_other_seeds(seed):
-    """Notebook 06's noisy-BN conclusions, at half the steps, for seeds the notebook does not show."""
-    runs = {v: noisy_bn_experiment(v, seed=seed, steps=300) for v in ("none", "batch", "noisy batch", "noisy none")}
+    # 2. noisy BN: far more drift, yet it trains like BN; the same noise slows a plain network
     drift = {v: r["drift"] for v, r in runs.items()}
     assert drift["noisy batch"] > 5 * drift["batch"] and drift["noisy batch"] > 2 * drift["none"], drift
     steps90 = {v: r["history"].steps_to(0.9) for v, r in runs.items()}
@@ -186,3 +208,16 @@ def test_noisy_bn_still_trains_for_other_seeds(seed):
     acc = {v: r["history"].final_accuracy for v, r in runs.items()}
     assert acc["noisy batch"] > acc["batch"] - 0.03, acc
     assert math.isfinite(drift["noisy none"])
+    # 3. with BN the loss and gradient change less per step, about as much per unit distance
+    land = {n: landscape_along_training(s, [0.05, 0.1, 0.2, 0.4]) for n, s in snaps.items()}
+    ratio = {k: float((land["batch"][k] / land["none"][k]).median())
+             for k in ("loss_range", "max_grad_change", "smoothness", "grad_norm")}
+    assert ratio["loss_range"] < 0.5, ratio
+    assert ratio["max_grad_change"] < 0.8, ratio
+    assert 0.5 < ratio["smoothness"] < 2, ratio
+    assert ratio["grad_norm"] < 0.75, ratio
+
+
+def test_train_and_record_rejects_an_unknown_variant():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        train_and_record("noisy layer", steps=1)

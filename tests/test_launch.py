@@ -1,6 +1,9 @@
 """bn_course.launch: N gloo processes from a test or a notebook, with deadlines and clean-up."""
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,6 +26,27 @@ def worker_rank_and_sum(rank, world_size, scale):
 
 def worker_hangs(rank, world_size):
     time.sleep(600)
+
+
+def worker_exits_quietly(rank, world_size):
+    if rank == 0:
+        os._exit(0)  # exit code 0, yet no result
+    time.sleep(600)
+
+
+def worker_writes_pid_and_hangs(rank, world_size, folder):
+    with open(os.path.join(folder, f"pid{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+
+def _running(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except OSError:
+        return False
 
 
 def worker_crashes(rank, world_size):
@@ -64,6 +88,37 @@ def test_a_crashed_rank_is_reported_with_its_exit_code_and_output():
     message = str(info.value)
     assert "rank 0 of 2 exited with code 7" in message
     assert "about to crash" in message
+
+
+def test_a_rank_that_exits_without_a_result_is_reported():
+    with pytest.raises(launch.WorkerError, match="rank 0 of 2 exited with code 0 without a result"):
+        launch.launch(worker_exits_quietly, 2, timeout=120)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_processes_stop_by_themselves_when_the_caller_is_killed(private_tmp):
+    """A kernel killed outright runs no clean-up: the processes notice and stop, and delete the folder."""
+    pids_dir = private_tmp / "pids"
+    pids_dir.mkdir()
+    code = ("import sys, tempfile; sys.path[:0] = sys.argv[1:3]; tempfile.tempdir = sys.argv[3]\n"
+            "import test_launch; from bn_course import launch\n"
+            "launch.launch(test_launch.worker_writes_pid_and_hangs, 2, args=(sys.argv[4],), timeout=300)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    parent = subprocess.Popen([sys.executable, "-c", code, here, root, str(private_tmp), str(pids_dir)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(pids_dir.glob("pid*"))) < 2:
+            assert time.monotonic() < deadline and parent.poll() is None, "the processes did not start"
+            time.sleep(0.2)
+        pids = [int(f.read_text()) for f in pids_dir.glob("pid*")]
+    finally:
+        parent.send_signal(signal.SIGKILL)  # no finally block runs in the parent
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(pid) for pid in pids) or list(private_tmp.glob("bn_course_launch_*")):
+        assert time.monotonic() < deadline, "orphaned processes or their folder outlived the caller"
+        time.sleep(0.2)
 
 
 def test_a_hang_ends_at_the_deadline():
