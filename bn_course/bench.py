@@ -334,15 +334,17 @@ def format_table(result):
                      "sets the time)")
     if "numpy_backward" in result:
         nb = result["numpy_backward"]
-        lines.append(f"NumPy backward at {tuple(nb['shape'])}: staged {nb['staged_s'] * 1e3:.1f} ms, compact "
-                     f"{nb['compact_s'] * 1e3:.1f} ms (medians); paired ratio {nb['staged_over_compact']:.2f}x"
+        lines.append(f"NumPy backward at {tuple(nb['shape'])}: staged {nb['staged_s'] * 1e3:.3g} ms, compact "
+                     f"{nb['compact_s'] * 1e3:.3g} ms (medians); "
+                     f"paired ratio staged/compact {nb['staged_over_compact']:.2f}x"
                      + _verdict(judged and tuple(nb["shape"]) == TARGET_SHAPE, nb["staged_over_compact"] >= 2,
                                 "compact at least 2x faster"))
     on_gpu = meta["device"].startswith("cuda")
     for v in result.get("vs_native", []):
         shape = tuple(v["shape"])
         line = (f"{v['impl']} vs nn.BatchNorm2d, forward+backward at {shape} {v['layout']}: "
-                f"{v['impl_s'] * 1e3:.1f} ms vs {v['native_s'] * 1e3:.1f} ms (medians); paired ratio {v['ratio']:.2f}x")
+                f"{v['impl_s'] * 1e3:.3g} ms vs {v['native_s'] * 1e3:.3g} ms (medians); "
+                f"paired ratio {v['impl']}/native {v['ratio']:.2f}x")
         if on_gpu:
             limit = GPU_TARGETS.get(v["impl"])
             fraction = next((r["fraction_of_copy"] for r in result["bandwidth"]

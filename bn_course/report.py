@@ -111,6 +111,11 @@ def _mb(n_bytes):
     return n_bytes / 2**20
 
 
+def _cores():
+    """CPU cores this process may use (a container or taskset may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def markdown_table(results):
     """The results as a Markdown table with a total row, and a line saying where it was measured."""
     rows = ["| notebook | wall time (s) | peak memory (MiB) |", "|---|---:|---:|"]
@@ -122,7 +127,7 @@ def markdown_table(results):
     rows.append(f"| **total** ({len(results)} notebooks) | **{total:.1f}** | **{_mb(peak):.0f}** (max) |")
     import torch
 
-    where = (f"Measured by `python -m bn_course.report` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores "
+    where = (f"Measured by `python -m bn_course.report` on {time.strftime('%Y-%m-%d')}, {_cores()} CPU cores "
              f"({platform.machine()}, {platform.system()}), Python {platform.python_version()}, "
              f"torch {torch.__version__}, device: {'CUDA GPU' if torch.cuda.is_available() else 'CPU'}; "
              "peak memory is the largest resident set size of the kernel or any process it started.")

@@ -145,7 +145,8 @@ def test_momentum_narrows_the_gap():
                         {"norm": ["none", "batch"], "lr": [0.01, 0.03, 0.1]}, seeds=seeds, progress=False)
     speed = {(opt, norm, s): mean_accuracy(best_run(rows, norm, s)["history"], until=100)
              for opt, rows in (("plain", plain), ("momentum", momentum)) for norm in ("none", "batch") for s in seeds}
-    lead = {(opt, s): speed[(opt, "batch", s)] - speed[(opt, "none", s)] for opt in ("plain", "momentum") for s in seeds}
+    lead = {(opt, s): speed[(opt, "batch", s)] - speed[(opt, "none", s)]
+            for opt in ("plain", "momentum") for s in seeds}
     for s in seeds:
         assert lead[("plain", s)] > 0.08, lead
         assert lead[("momentum", s)] < lead[("plain", s)] - 0.02, lead
