@@ -167,11 +167,15 @@ def _randomize_bn(model, generator):
 
 
 def _time_once(model, x):
-    t0 = time.perf_counter()
+    # With one torch thread on the CPU all the work runs in this thread: its CPU time is
+    # steadier than wall time on a shared machine. Otherwise (GPU, several threads) wall time.
+    single_thread_cpu = x.device.type == "cpu" and torch.get_num_threads() == 1
+    clock = time.thread_time if single_thread_cpu else time.perf_counter
+    t0 = clock()
     model(x)
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 @torch.no_grad()
