@@ -92,6 +92,22 @@ def standardize(x, dims, eps=1e-5):
 
 # --- LayerNorm -----------------------------------------------------------------------------
 
+def scale_and_shift_channels(x_hat, gamma=None, beta=None):
+    """Step 4 per channel: gamma * x_hat + beta, with gamma, beta of shape (C,) or None."""
+    if gamma is not None:
+        x_hat = x_hat * per_channel(gamma, x_hat.dim())
+    if beta is not None:
+        x_hat = x_hat + per_channel(beta, x_hat.dim())
+    return x_hat
+
+
+def add_affine_params(module, shape, weight=True, bias=True):
+    """Register ``weight`` (ones) and ``bias`` (zeros) of ``shape`` on module, or None for each
+    that is switched off, as torch.nn's normalization layers do."""
+    module.register_parameter("weight", nn.Parameter(torch.ones(shape)) if weight else None)
+    module.register_parameter("bias", nn.Parameter(torch.zeros(shape)) if weight and bias else None)
+
+
 def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
     """Layer normalization: statistics over the trailing ``normalized_shape`` dims of each sample.
 
@@ -131,15 +147,7 @@ class LayerNorm(nn.Module):
         self.normalized_shape = tuple(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.ones(self.normalized_shape))
-            if bias:
-                self.bias = nn.Parameter(torch.zeros(self.normalized_shape))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine_params(self, self.normalized_shape, weight=elementwise_affine, bias=bias)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -179,12 +187,7 @@ def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
     grouped = x.reshape(N, num_groups, -1)               # (N, G, C/G * prod(spatial))
     x_hat, _, _ = standardize(grouped, [2], eps)
     x_hat = x_hat.reshape(x.shape)
-    out = x_hat
-    if gamma is not None:
-        out = out * per_channel(gamma, x.dim())
-    if beta is not None:
-        out = out + per_channel(beta, x.dim())
-    return out
+    return scale_and_shift_channels(x_hat, gamma, beta)
 
 
 class GroupNorm(nn.Module):
@@ -195,12 +198,7 @@ class GroupNorm(nn.Module):
         check_groups(num_groups, num_channels)
         self.num_groups, self.num_channels = num_groups, num_channels
         self.eps, self.affine = eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))
-            self.bias = nn.Parameter(torch.zeros(num_channels))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine_params(self, num_channels, weight=affine)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
@@ -225,12 +223,7 @@ def instance_norm(x, gamma=None, beta=None, eps=1e-5):
         check_num_channels(x, gamma.shape[0], "instance_norm")
     check_enough_values(int(math.prod(x.shape[2:])), x.shape, "instance_norm", "sample and channel")
     x_hat, _, _ = standardize(x, list(range(2, x.dim())), eps)
-    out = x_hat
-    if gamma is not None:
-        out = out * per_channel(gamma, x.dim())
-    if beta is not None:
-        out = out + per_channel(beta, x.dim())
-    return out
+    return scale_and_shift_channels(x_hat, gamma, beta)
 
 
 class InstanceNorm(nn.Module):
@@ -243,12 +236,7 @@ class InstanceNorm(nn.Module):
     def __init__(self, num_features, eps=1e-5, affine=False):
         super().__init__()
         self.num_features, self.eps, self.affine = num_features, eps, affine
-        if affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        add_affine_params(self, num_features, weight=affine)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
