@@ -43,10 +43,6 @@ class DigitsSplit:
     std: torch.Tensor
 
     @property
-    def n_features(self):
-        return int(self.x_train.shape[1])
-
-    @property
     def n_classes(self):
         return N_CLASSES
 

@@ -151,5 +151,5 @@ class FusedBatchNorm(BatchNorm):
         out, mu, var = fused_batchnorm(x, self.weight, self.bias, self.eps, self.compile)
         if self.training and self.track_running_stats:
             m = x.numel() // x.shape[1]
-            self._update_running_averages(mu, var * m / (m - 1))  # the unbiased variance
+            self.update_running_averages(mu, var * m / (m - 1))  # the unbiased variance
         return out.to(in_dtype)

@@ -251,7 +251,7 @@ class InstanceNorm(nn.Module):
 # --- shared by Batch Renormalization and Ghost BN ----------------------------------------------
 # Both subclass ``bn_course.torch_bn.BatchNorm`` for its parameters, buffers, state_dict keys and
 # evaluation mode, and use only its public pieces: ``check_input``, ``BatchNormFunction`` (which
-# hands back the batch statistics) and the buffers of the module contract.
+# hands back the batch statistics) and ``update_running_averages``.
 
 def check_bn_layer_input(layer, x, same_dtype=True):
     """x must be a floating-point tensor (N, C, *spatial) with C = layer.num_features
@@ -264,17 +264,6 @@ def check_bn_layer_input(layer, x, same_dtype=True):
             f"{name} input has dtype {x.dtype} but the layer's parameters and buffers are "
             f"{layer.running_mean.dtype}; convert one to match, e.g. layer.to({x.dtype})."
         )
-
-
-@torch.no_grad()
-def update_running_averages(layer, mu, var_unbiased):
-    """Batch norm's update of ``layer.running_mean`` and ``layer.running_var``, from a batch's
-    mean and unbiased variance (each (C,)): new = (1 - f) * old + f * batch, with
-    f = layer.momentum, or 1 / num_batches_tracked when momentum is None."""
-    layer.num_batches_tracked.add_(1)
-    f = 1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
-    layer.running_mean.mul_(1 - f).add_(mu.to(layer.running_mean.dtype), alpha=f)
-    layer.running_var.mul_(1 - f).add_(var_unbiased.to(layer.running_var.dtype), alpha=f)
 
 
 # --- Batch Renormalization -----------------------------------------------------------------
@@ -319,7 +308,7 @@ class BatchRenorm(BatchNorm):
         r = (s_B / s_run).clamp(1 / self.r_max, self.r_max)
         d = ((mu_B - self.running_mean) / s_run).clamp(-self.d_max, self.d_max)
         x_hat = x_hat_B * per_channel(r, x.dim()) + per_channel(d, x.dim())
-        update_running_averages(self, mu_B, var_B * m / (m - 1))
+        self.update_running_averages(mu_B, var_B * m / (m - 1))
         if not self.affine:
             return x_hat
         return x_hat * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())

@@ -137,7 +137,7 @@ class SyncBatchNorm(BatchNorm):
         with torch.no_grad():
             mu, var, m = sync_mean_var(x.detach(), self.process_group)
         if self.training and self.track_running_stats:
-            self._update_running_averages(mu, var * m / (m - 1))  # unbiased, over all processes
+            self.update_running_averages(mu, var * m / (m - 1))  # unbiased, over all processes
         out = SyncBatchNormFunction.apply(x, self.weight, self.bias, mu, var, m, self.eps, self.process_group)
         return out.to(in_dtype)
 

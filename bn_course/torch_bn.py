@@ -242,16 +242,7 @@ class BatchNorm(nn.Module):
         return self.momentum
 
     @torch.no_grad()
-    def _update_running_stats(self, x):
-        """Update the running averages from the batch x (N, C, *spatial): its mean and unbiased variance."""
-        dims = reduce_dims(x)
-        m = x.numel() // x.shape[1]
-        mu = x.mean(dim=dims)
-        var = (x - per_channel(mu, x.dim())).square_().sum(dim=dims) / (m - 1)
-        self._update_running_averages(mu, var)
-
-    @torch.no_grad()
-    def _update_running_averages(self, mu, var_unbiased):
+    def update_running_averages(self, mu, var_unbiased):
         """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked); mu, var: (C,)."""
         self.num_batches_tracked.add_(1)
         f = self._momentum_factor()
@@ -284,7 +275,7 @@ class BatchNorm(nn.Module):
             out = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
             if self.training and self.track_running_stats:
                 # the running variance is the unbiased estimate: var * m / (m - 1)
-                self._update_running_averages(stats["mu"], stats["var"] * stats["m"] / (stats["m"] - 1))
+                self.update_running_averages(stats["mu"], stats["var"] * stats["m"] / (stats["m"] - 1))
         else:
             out = self._eval_forward(x)
         return out.to(in_dtype)
