@@ -79,8 +79,7 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     g = per_channel(gamma, x.ndim)
     out = g * x_hat + per_channel(beta, x.ndim)       # step 4
 
-    cache = {"x_mu": x_mu, "var": var, "std": std, "inv_std": inv_std,
-             "x_hat": x_hat, "gamma": g, "eps": eps, "axes": axes}
+    cache = {"x_mu": x_mu, "std": std, "inv_std": inv_std, "x_hat": x_hat, "gamma": g, "axes": axes}
     return out, cache
 
 
