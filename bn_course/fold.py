@@ -20,11 +20,11 @@ Run ``python -m bn_course.fold`` to time a small CNN with and without folding.
 
 import copy
 import statistics
-import time
 
 import torch
 from torch import nn
 
+from bn_course.bench import clock_for
 from bn_course.torch_bn import BatchNorm
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -167,10 +167,8 @@ def _randomize_bn(model, generator):
 
 
 def _time_once(model, x):
-    # With one torch thread on the CPU all the work runs in this thread: its CPU time is
-    # steadier than wall time on a shared machine. Otherwise (GPU, several threads) wall time.
-    single_thread_cpu = x.device.type == "cpu" and torch.get_num_threads() == 1
-    clock = time.thread_time if single_thread_cpu else time.perf_counter
+    # The clock bn_course.bench times with: one CPU thread's CPU time, else wall time.
+    clock, _ = clock_for(x.device)
     t0 = clock()
     model(x)
     if x.device.type == "cuda":

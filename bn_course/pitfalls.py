@@ -49,8 +49,8 @@ def precise_bn_stats(model, x, batch_size=512):
     *earlier* weights; with the weights fixed, this recomputes, layer after layer, the mean
     and unbiased variance of each batch norm's input over all of ``x`` with the model in
     evaluation mode (so each layer sees what it will see at inference, the layers before
-    it already recalibrated). Modifies ``model`` in place and returns it (in eval mode).
-    x: (N, ...) the training inputs.
+    it already recalibrated). Modifies ``model`` in place and returns it, back in the mode
+    (training or evaluation) it was in. x: (N, ...) the training inputs.
     """
     was_training = model.training
     model.eval()
@@ -70,7 +70,7 @@ def precise_bn_stats(model, x, batch_size=512):
         var = (total_sq - count * mean * mean) / (count - 1)
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))
-    return model.train(was_training) if was_training else model
+    return model.train(was_training)
 
 
 def single_class_batches(x, y, batch_size, seed=0):
