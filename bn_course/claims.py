@@ -246,3 +246,15 @@ def ledger_markdown(claims=CLAIMS, link_prefix=""):
         statement = c.statement.replace("|", "\\|")
         lines.append(f"| {statement} `{c.id}` | {c.kind} | {where} | {verdict} |")
     return "\n".join(lines)
+
+
+def verdict_table(evidence, claims=CLAIMS):
+    """A notebook's closing table as Markdown: claim, the evidence this run measured, verdict.
+
+    evidence: {claim_id: text}, the text built from the run's own numbers.
+    """
+    lines = ["| claim | evidence (this run) | verdict |", "|---|---|---|"]
+    for claim_id, text in evidence.items():
+        claim = get_claim(claim_id, claims)
+        lines.append(f"| {claim.statement} | {text} | **{claim.verdict}** |")
+    return "\n".join(lines)

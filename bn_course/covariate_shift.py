@@ -30,9 +30,10 @@ from bn_course import seed_everything
 from bn_course.data import load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
+from bn_course.recording import WEIGHT_TYPES, named_weight_layers
 from bn_course.train import train
 
-WEIGHT_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+WEIGHT_LAYER_TYPES = WEIGHT_TYPES  # one definition, in bn_course.recording
 
 
 def _check_model_and_batch(model, x, y):
@@ -52,7 +53,7 @@ def weight_layers(model):
     For models built as (nested) ``nn.Sequential``, registration order is forward order.
     Returns a list of ``(name, module)``.
     """
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYER_TYPES)]
+    layers = list(named_weight_layers(model).items())
     if not layers:
         raise ValueError("the model has no Linear or Conv layer to measure.")
     return layers

@@ -120,3 +120,14 @@ def test_markdown_links_for_the_readme():
     one = (claims.Claim("x", "Uses |pipes|.", "benefit", "05_training_with_batchnorm", "Sweep", "refuted"),)
     row = ledger_markdown(one).splitlines()[2]
     assert "\\|pipes\\|" in row and "**refuted**" in row and "· Sweep" in row
+
+
+def test_verdict_table_shows_each_claim_with_its_evidence_and_verdict():
+    from bn_course.claims import CLAIMS, verdict_table
+
+    tested = [c for c in CLAIMS if c.verdict][:2]
+    table = verdict_table({c.id: f"evidence for {c.id}" for c in tested})
+    lines = table.splitlines()
+    assert lines[0] == "| claim | evidence (this run) | verdict |" and len(lines) == 2 + len(tested)
+    for line, c in zip(lines[2:], tested):
+        assert c.statement in line and f"evidence for {c.id}" in line and f"**{c.verdict}**" in line
