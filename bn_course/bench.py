@@ -15,7 +15,10 @@ bandwidth of a plain copy of the same tensor (which reads and writes it once).
 
 Implementations: ``numpy`` (bn_course.numpy_bn, CPU only), ``from-scratch``
 (bn_course.torch_bn.BatchNorm), ``native`` (torch.nn.BatchNorm2d), ``compiled``
-(bn_course.fused_bn.FusedBatchNorm, the from-scratch math through torch.compile).
+(bn_course.fused_bn.FusedBatchNorm, the from-scratch math through torch.compile),
+``triton`` (bn_course.triton_bn.TritonBatchNorm, hand-written kernels: GPU and
+contiguous layout only, since on a CPU they run in Triton's interpreter, which checks
+them but is far too slow to time).
 Also measured: issue 2's speed targets (NumPy staged vs compact backward; the
 from-scratch module vs nn.BatchNorm2d) and the compiled module vs nn.BatchNorm2d.
 """
@@ -37,7 +40,7 @@ from bn_course import fused_bn, numpy_bn, torch_bn
 
 # Least number of passes over a tensor of x's size (each pass reads or writes it once).
 PASSES = {"forward": 3, "forward+backward": 8}
-IMPLEMENTATIONS = ("numpy", "from-scratch", "native", "compiled")
+IMPLEMENTATIONS = ("numpy", "from-scratch", "native", "compiled", "triton")
 LAYOUTS = ("contiguous", "channels_last")
 CPU_SIZES = ((16, 64, 32, 32), (64, 64, 32, 32), (64, 64, 64, 64))
 GPU_SIZES = ((32, 64, 56, 56), (256, 64, 56, 56))
@@ -46,7 +49,7 @@ TARGET_SHAPE = (64, 64, 32, 32)  # issue 2's and issue 5's CPU targets are state
 GPU_TARGET_SHAPE = (256, 64, 56, 56)  # issue 5's GPU target (float32, contiguous NCHW)
 # Paired ratio module / nn.BatchNorm2d, forward+backward, that each target allows.
 CPU_TARGETS = {"from-scratch": 3.0, "compiled": 1.2}
-GPU_TARGETS = {"compiled": 1.0}  # and at least GPU_MIN_FRACTION_OF_COPY of copy bandwidth
+GPU_TARGETS = {"compiled": 1.0, "triton": 1.0}  # and at least GPU_MIN_FRACTION_OF_COPY of copy bandwidth
 GPU_MIN_FRACTION_OF_COPY = 0.7
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
@@ -139,6 +142,9 @@ def _make_module(impl, C, dtype, device):
         return torch.nn.BatchNorm2d(C, dtype=dtype, device=device)
     if impl == "compiled":
         return fused_bn.FusedBatchNorm(C, compile=True, dtype=dtype, device=device)
+    if impl == "triton":
+        from bn_course import triton_bn  # needs Triton: imported only when asked for
+        return triton_bn.TritonBatchNorm(C, dtype=dtype, device=device)
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}.")
 
 
@@ -185,11 +191,30 @@ def time_step(impl, shape, direction, layout="contiguous", repeats=10, dtype=tor
 
 # --- the tables -----------------------------------------------------------------------------------
 
+def triton_available():
+    """Whether bn_course.triton_bn imports here (Triton installs on Linux x86-64 only)."""
+    try:
+        from bn_course import triton_bn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def measurable(impl, layout, device):
+    """Whether ``impl`` is timed here: NumPy on the CPU, Triton's kernels on a GPU, both contiguous only."""
+    if impl == "numpy":
+        return device.type == "cpu" and layout == "contiguous"
+    if impl == "triton":
+        return device.type == "cuda" and layout == "contiguous" and triton_available()
+    return True
+
+
 def bandwidth_table(shapes, impls=IMPLEMENTATIONS, layouts=LAYOUTS, directions=tuple(PASSES),
                     repeats=10, dtype=torch.float32, device=torch.device("cpu"), progress=None):
     """Rows of {shape, impl, layout, direction, seconds, GB/s, fraction of copy} for every combination.
 
-    numpy runs only on the CPU and only contiguous. ``progress``: optional callable(str) told each step.
+    numpy runs only on the CPU and only contiguous; triton only on a GPU and only contiguous
+    (``measurable``). ``progress``: optional callable(str) told each step.
     """
     rows = []
     for shape in shapes:
@@ -198,7 +223,7 @@ def bandwidth_table(shapes, impls=IMPLEMENTATIONS, layouts=LAYOUTS, directions=t
                      "seconds": copy_s, "GB_per_s": copy_bps / 1e9, "fraction_of_copy": 1.0})
         for impl in impls:
             for layout in layouts:
-                if impl == "numpy" and (device.type != "cpu" or layout != "contiguous"):
+                if not measurable(impl, layout, device):
                     continue
                 for direction in directions:
                     if progress:
@@ -291,7 +316,8 @@ def run(sizes=None, repeats=10, target_shape=None, device=None, threads=None,
     if device.type == "cpu":
         result["numpy_backward"] = numpy_backward_speed(target_shape, repeats)
     result["vs_native"] = [module_vs_native(impl, target_shape, repeats, device=device)
-                           for impl in ("from-scratch", "compiled") if impl in impls]
+                           for impl in ("from-scratch", "compiled", "triton")
+                           if impl in impls and measurable(impl, "contiguous", device)]
     return result
 
 
@@ -362,7 +388,7 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def load_reference(name="h100_issue5"):
+def load_reference(name="h100"):
     """Measurements shipped with the course (made elsewhere, by the source they name)."""
     path = REFERENCE_DIR / f"{name}.json"
     if not path.exists():

@@ -97,11 +97,52 @@ def test_the_command_line_checks_its_sizes():
         bench.main(["--sizes", "four"])
 
 
-def test_the_h100_reference_names_its_source():
-    h100 = bench.load_reference("h100_issue5")
-    assert "NOT measured by this course" in h100["measured_by"]
-    assert h100["device"] == "NVIDIA H100" and h100["shape"] == [256, 64, 56, 56]
-    for layout in ("contiguous", "channels_last"):
-        assert set(h100["native_fraction_of_copy"][layout]) == set(bench.PASSES)
+def test_the_h100_reference_is_a_complete_measurement_that_names_its_source():
+    """The shipped H100 data: measured by tools/gpu_check.py, and internally consistent (each fraction
+    of copy is bytes / time / copy bandwidth), so that a hand-edited or partial file fails here."""
+    h100 = bench.load_reference("h100")
+    assert h100["device"].startswith("NVIDIA H100") and "gpu_check.py" in h100["measured_by"]
+    assert h100["shape"] == list(bench.GPU_TARGET_SHAPE) and h100["torch"] and h100["triton"]
+    meta = h100["bench"]["meta"]
+    assert meta["device"] == "cuda" and meta["device_name"] == h100["device"] and meta["targets_judged"]
+    copy = {tuple(r["shape"]): r["GB_per_s"] for r in h100["bench"]["bandwidth"] if r["impl"] == "copy"}
+    assert set(copy) == set(bench.GPU_SIZES)
+    impls = set()
+    for r in h100["bench"]["bandwidth"]:
+        gbps = bench.bytes_moved(r["shape"], r["direction"]) / r["seconds"] / 1e9 if r["impl"] != "copy" else None
+        assert r["impl"] == "copy" or abs(gbps - r["GB_per_s"]) < 1e-6 * gbps
+        assert abs(r["GB_per_s"] / copy[tuple(r["shape"])] - r["fraction_of_copy"]) < 1e-9
+        impls.add(r["impl"])
+    assert impls == {"copy", "from-scratch", "native", "compiled", "triton"}
+    assert {v["impl"] for v in h100["bench"]["vs_native"]} == {"from-scratch", "compiled", "triton"}
+    steps = h100["kernels"]["steps"]
+    assert {"native NCHW", "native channels_last", "compiled NCHW", "triton NCHW"} <= set(steps)
+    for rows in steps.values():
+        assert rows and all(len(k["grid"]) == 3 and k["us_per_step"] > 0 for k in rows)
+    spread = h100["spread"]["rows"]
+    assert {(r["impl"], r["layout"]) for r in spread} >= {("native", "contiguous"), ("triton", "contiguous")}
+    for r in spread:
+        assert len(r["strict_s"]) == len(r["pipelined_s"]) == 3
     with pytest.raises(FileNotFoundError, match="available"):
         bench.load_reference("a100_nowhere")
+
+
+def test_the_tool_that_made_the_h100_data_rebuilds_it_from_its_parts(tmp_path):
+    """tools/gpu_check.py --combine: the shipped file splits into the run's parts and merges back unchanged."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)  # defines the sections; runs none of them (no GPU needed)
+    assert [fn.__name__ for fn in gpu_check.SECTIONS] == [
+        "environment", "correctness", "bench_module", "variants", "kernels", "spread"]
+    h100 = bench.load_reference("h100")
+    (tmp_path / "environment.json").write_text(json.dumps(
+        {"device": h100["device"], "sms": h100["multiprocessors"], "torch": h100["torch"], "triton": h100["triton"]}))
+    for name in ("bench", "variants", "kernels", "spread"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(h100[name]))
+    gpu_check.combine(tmp_path, tmp_path / "h100.json")
+    assert json.loads((tmp_path / "h100.json").read_text()) == h100

@@ -6,52 +6,18 @@ a few small shapes in float32 and float64 (compiling takes seconds per shape).
 
 import pytest
 import torch
-from torch import nn
 
 from bn_course import fused_bn
+from bn_layers import SHAPES, assert_match
+import bn_layers
 
-NATIVE = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-SHAPES = {2: (6, 3), 3: (4, 3, 5), 4: (4, 3, 5, 6), 5: (2, 3, 2, 3, 4)}
 COMPILED_SHAPE = (4, 8, 8, 8)  # the size `python -m bn_course.bench --quick` uses: compiled once
 
 
-def run_both(shape, dtype, compile, channels_last=False, steps=2, seed=0, **options):
-    """Train-mode steps of FusedBatchNorm and of nn.BatchNorm*d on the same data; both results."""
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    ours = fused_bn.FusedBatchNorm(C, compile=compile, dtype=dtype, **options)
-    if ours.weight is not None:
-        with torch.no_grad():
-            ours.weight.uniform_(0.5, 1.5, generator=g)
-            if ours.bias is not None:
-                ours.bias.normal_(generator=g)
-    native = NATIVE[len(shape)](C, dtype=dtype, **options)
-    native.load_state_dict(ours.state_dict())
-    results = []
-    for layer in (ours, native):
-        g.manual_seed(seed + 1)
-        for _ in range(steps):
-            x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 2
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(True)
-            dout = torch.randn(shape, generator=g, dtype=dtype)
-            out = layer(x)
-            params = [p for p in (layer.weight, layer.bias) if p is not None]
-            grads = torch.autograd.grad(out, [x] + params, dout)
-        results.append({"out": out.detach(), "grads": [t.detach() for t in grads],
-                        "state": {k: v.clone() for k, v in layer.state_dict().items()}})
-    return results
-
-
-def assert_match(ours, native, dtype):
-    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
-    torch.testing.assert_close(ours["out"], native["out"], **tol)
-    for a, b in zip(ours["grads"], native["grads"]):
-        torch.testing.assert_close(a, b, **tol)
-    assert ours["state"].keys() == native["state"].keys()
-    for key in ours["state"]:
-        torch.testing.assert_close(ours["state"][key], native["state"][key], **tol)
+def run_both(shape, dtype, compile, **kwargs):
+    """FusedBatchNorm (compiled or eager) next to nn.BatchNorm*d: ``bn_layers.run_both``."""
+    return bn_layers.run_both(lambda C, **options: fused_bn.FusedBatchNorm(C, compile=compile, **options),
+                              shape, dtype, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -77,6 +43,17 @@ def test_compiled_matches_native(dtype, channels_last):
     assert_match(ours, native, dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float32, False), (torch.float64, False),
+                                                  (torch.float32, True)])
+@pytest.mark.parametrize("shape", [COMPILED_SHAPE, (32, 64, 56, 56)])
+def test_compiled_matches_native_on_the_gpu(shape, dtype, channels_last):
+    """On a GPU torch.compile writes Triton kernels, not C++: a different code path to check."""
+    ours, native = run_both(shape, dtype, compile=True, channels_last=channels_last, seed=4, device="cuda")
+    assert ours["out"].is_cuda
+    assert_match(ours, native, dtype)
+
+
 def test_compiled_equals_the_eager_functions():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(COMPILED_SHAPE, generator=g) * 2 - 1
@@ -88,33 +65,16 @@ def test_compiled_equals_the_eager_functions():
 
 
 def test_eval_mode_uses_the_running_statistics():
-    ours, native = fused_bn.FusedBatchNorm(3, compile=False), nn.BatchNorm2d(3)
-    x_train = torch.randn(4, 3, 2, 2) * 2 + 1
-    for layer in (ours, native):
-        layer.train()(x_train)
-        layer.eval()
-    x = torch.randn(1, 3, 2, 2)  # batch size 1 is fine in eval mode
-    torch.testing.assert_close(ours(x), native(x))
+    bn_layers.assert_eval_mode_uses_the_running_statistics(fused_bn.FusedBatchNorm(3, compile=False))
 
 
 def test_half_precision_input_is_computed_in_float32():
-    ours, native = fused_bn.FusedBatchNorm(3, compile=False), nn.BatchNorm2d(3)
-    x = torch.randn(4, 3, 2, 2).to(torch.bfloat16)
-    out = ours(x)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out, native(x), rtol=2e-2, atol=2e-2)
+    bn_layers.assert_half_precision_is_computed_in_float32(fused_bn.FusedBatchNorm(3, compile=False))
 
 
 def test_bad_input_gets_clear_errors():
     layer = fused_bn.FusedBatchNorm(3, compile=False)
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        layer(torch.randn(1, 3))
-    with pytest.raises(ValueError, match="channel count must equal num_features=3"):
-        layer(torch.randn(4, 5, 2))
-    with pytest.raises(TypeError, match="floating-point"):
-        layer(torch.ones(4, 3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="at least 2 dimensions"):
-        layer(torch.randn(3))
+    bn_layers.assert_bad_input_gets_clear_errors(layer)
 
 
 def test_the_function_checks_its_input_too():

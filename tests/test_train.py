@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 import bn_course
 from bn_course.data import load_digits_split

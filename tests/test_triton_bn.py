@@ -1,0 +1,105 @@
+"""bn_course.triton_bn: the hand-written Triton kernels match nn.BatchNorm*d.
+
+On a machine with no GPU the kernels run in Triton's interpreter (NumPy): the same
+kernel code, so every test below checks the kernels themselves. The tests marked for
+a GPU run the compiled kernels at a realistic size.
+"""
+
+import platform
+import sys
+
+import pytest
+import torch
+
+import bn_layers
+from bn_layers import SHAPES, assert_match
+
+if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+    from bn_course import triton_bn  # the test extra installs Triton here: a missing one is a failure
+else:  # pragma: no cover - Triton has no wheels for this platform
+    triton_bn = pytest.importorskip("bn_course.triton_bn", reason="Triton installs on Linux x86-64 only")
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def run_both(shape, dtype, **kwargs):
+    """TritonBatchNorm next to nn.BatchNorm*d: ``bn_layers.run_both``."""
+    return bn_layers.run_both(triton_bn.TritonBatchNorm, shape, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_matches_native_across_ranks(rank, dtype):
+    assert_match(*run_both(SHAPES[rank], dtype), dtype)
+
+
+@pytest.mark.parametrize("options", [{"momentum": None}, {"affine": False}, {"bias": False},
+                                     {"track_running_stats": False}])
+def test_matches_native_with_options(options):
+    assert_match(*run_both(SHAPES[4], torch.float64, **options), torch.float64)
+
+
+def test_every_loop_of_the_kernels_runs(monkeypatch):
+    """Small BLOCK and PROGRAMS: rows longer than a block and several images per program (S < N),
+    with ragged ends, so that the loops' masks and strides are exercised."""
+    monkeypatch.setattr(triton_bn, "BLOCK", 16)
+    monkeypatch.setattr(triton_bn, "PROGRAMS", 6)  # C = 3: S = 2 slices for N = 5 images
+    assert triton_bn._sizes(torch.empty(5, 3, 7, 9))[3] == 2
+    assert_match(*run_both((5, 3, 7, 9), torch.float64, seed=2), torch.float64)
+
+
+def test_statistics_of_data_far_from_zero_keep_their_precision():
+    """The shifted sums: a channel at 1e4 with spread 1 loses nothing, where sum(x**2) - m*mean**2
+    in float32 would lose every digit of the variance."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 2, 6, 6, generator=g) + 1e4
+    out, stats = triton_bn.triton_forward(x, None, None, 1e-5)
+    torch.testing.assert_close(stats[:, 1], x.double().var(dim=(0, 2, 3), correction=0).float(), rtol=1e-3, atol=0)
+
+
+def test_gradients_pass_gradcheck_in_float64():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 2, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    gamma = (torch.rand(2, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    beta = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: triton_bn.triton_batchnorm(*t)[0], (x, gamma, beta))
+
+
+def test_eval_mode_uses_the_running_statistics():
+    bn_layers.assert_eval_mode_uses_the_running_statistics(triton_bn.TritonBatchNorm(3))
+
+
+def test_half_precision_input_is_computed_in_float32():
+    bn_layers.assert_half_precision_is_computed_in_float32(triton_bn.TritonBatchNorm(3))
+
+
+def test_bad_input_gets_clear_errors():
+    layer = triton_bn.TritonBatchNorm(3)
+    bn_layers.assert_bad_input_gets_clear_errors(layer)
+    with pytest.raises(ValueError, match="contiguous.*channels_last"):
+        layer(torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last))
+
+
+def test_the_function_checks_its_input_too():
+    x = torch.randn(4, 3, 2)
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        triton_bn.triton_batchnorm(x, torch.ones(5), torch.zeros(3))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        triton_bn.triton_batchnorm(x.half(), None, None)
+    with pytest.raises(ValueError, match="read x as contiguous"):
+        triton_bn.triton_batchnorm(x.transpose(0, 2), None, None)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (7, 5, 13, 11), (64, 3), (2, 3, 2, 3, 4)])
+def test_compiled_kernels_match_native_on_the_gpu(shape, dtype):
+    ours, native = run_both(shape, dtype, seed=5, device="cuda")
+    assert ours["out"].is_cuda
+    assert_match(ours, native, dtype)
+
+
+def test_an_interpreter_too_old_for_the_kernels_is_named(monkeypatch):
+    monkeypatch.setattr(triton_bn.triton, "__version__", "3.6.0")
+    with pytest.raises(RuntimeError, match="interpreter from version 3.7 on.*Triton 3.6.0"):
+        triton_bn.triton_batchnorm(torch.randn(4, 3, 2), None, None)
