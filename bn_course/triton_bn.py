@@ -1,8 +1,8 @@
 """Batch norm as hand-written Triton kernels: the fewest passes over memory, for contiguous (N, C, *spatial).
 
 ``bn_course.fused_bn`` lets ``torch.compile`` write the kernels. Here we write them
-ourselves, in Triton (Python that compiles to GPU code). A training step is four
-kernels, two of them tiny:
+ourselves, in Triton (Python that compiles to GPU code). Three kernels, each launched
+once per direction, so a training step is six launches, two of them tiny:
 
 forward    1. ``_partial_sums``   per (channel, slice of the batch): sums of (x - k) and (x - k)**2,
                                   k = the channel's first value (a shift against cancellation); reads x
@@ -22,8 +22,8 @@ Why split each channel's sum over many programs? A GPU has many multiprocessors
 small (64 here), which is what the native NCHW kernel does (notebook 10).
 
 On a GPU the kernels are compiled. On a CPU they run in Triton's *interpreter*
-(NumPy, one program at a time): exact, slow, and how the tests check the kernels
-on a machine with no GPU. Needs Triton (Linux; it comes with PyTorch's CUDA builds).
+(NumPy, one program at a time): slow, but the same arithmetic, so it is how the tests
+check the kernels on a machine with no GPU. Needs Triton (Linux; it comes with PyTorch's CUDA builds).
 """
 
 import math
@@ -197,6 +197,10 @@ def check_triton_input(x, gamma, beta):
     check_params(x, gamma, beta)
     check_enough_values(tuple(x.shape), "x")
     check_layout(x)
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is not None and p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}; the kernels read both from "
+                             f"one device: move {name} there, e.g. {name}.to(x.device).")
 
 
 def check_layout(x):

@@ -86,6 +86,8 @@ def test_the_function_checks_its_input_too():
         triton_bn.triton_batchnorm(x, torch.ones(5), torch.zeros(3))
     with pytest.raises(TypeError, match="float32 or float64"):
         triton_bn.triton_batchnorm(x.half(), None, None)
+    with pytest.raises(ValueError, match="gamma is on meta but x is on cpu"):
+        triton_bn.triton_batchnorm(x, torch.ones(3, device="meta"), None)
     with pytest.raises(ValueError, match="read x as contiguous"):
         triton_bn.triton_batchnorm(x.transpose(0, 2), None, None)
 
