@@ -160,11 +160,17 @@ _KERNELS = {name: {"cuda": triton.jit(fn), "cpu": InterpretedFunction(fn)}
 INTERPRETER_MIN_VERSION = (3, 7)
 
 
+def runs_on(device):
+    """Whether the kernels run on ``device``: a CUDA GPU, or the CPU with a recent enough interpreter."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and _version(triton.__version__) >= INTERPRETER_MIN_VERSION)
+
+
 def _kernel(name, x):
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"bn_course.triton_bn runs on a CUDA GPU (compiled) or the CPU (interpreted), "
                          f"got a tensor on {x.device}.")
-    if x.device.type == "cpu" and _version(triton.__version__) < INTERPRETER_MIN_VERSION:
+    if not runs_on(x.device):
         raise RuntimeError(
             f"running the Triton kernels on the CPU needs Triton's interpreter from version "
             f"{'.'.join(map(str, INTERPRETER_MIN_VERSION))} on (the course pins 3.7.1); this is Triton "
@@ -177,12 +183,15 @@ def _version(text):
     return tuple(int(part) for part in text.split(".")[:2])
 
 
+def slices_per_channel(N, C):
+    """S: how many programs share each channel's sums (about PROGRAMS in all, at most one per image)."""
+    return max(1, min(N, PROGRAMS // C))
+
+
 def _sizes(x):
     """N, C, L (values per row: the product of the spatial dims) and the grid's slices per channel S."""
     N, C = x.shape[0], x.shape[1]
-    L = math.prod(x.shape[2:])
-    S = max(1, min(N, PROGRAMS // C))
-    return N, C, L, S
+    return N, C, math.prod(x.shape[2:]), slices_per_channel(N, C)
 
 
 def _block(L):

@@ -1,5 +1,6 @@
 """Shared by the tests of the drop-in BN modules (fused_bn, triton_bn): run one next to nn.BatchNorm*d."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,8 +74,6 @@ def assert_half_precision_is_computed_in_float32(ours):
 
 def assert_bad_input_gets_clear_errors(layer):
     """The mistakes every BN module must name: one value per channel, channels, integer data, rank."""
-    import pytest
-
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 3))
     with pytest.raises(ValueError, match="channel count must equal num_features=3"):

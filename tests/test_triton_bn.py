@@ -44,7 +44,7 @@ def test_every_loop_of_the_kernels_runs(monkeypatch):
     with ragged ends, so that the loops' masks and strides are exercised."""
     monkeypatch.setattr(triton_bn, "BLOCK", 16)
     monkeypatch.setattr(triton_bn, "PROGRAMS", 6)  # C = 3: S = 2 slices for N = 5 images
-    assert triton_bn._sizes(torch.empty(5, 3, 7, 9))[3] == 2
+    assert triton_bn.slices_per_channel(5, 3) == 2
     assert_match(*run_both((5, 3, 7, 9), torch.float64, seed=2), torch.float64)
 
 
@@ -102,6 +102,8 @@ def test_compiled_kernels_match_native_on_the_gpu(shape, dtype):
 
 
 def test_an_interpreter_too_old_for_the_kernels_is_named(monkeypatch):
+    assert triton_bn.runs_on("cpu")  # the pinned Triton
     monkeypatch.setattr(triton_bn.triton, "__version__", "3.6.0")
+    assert not triton_bn.runs_on("cpu") and triton_bn.runs_on("cuda")
     with pytest.raises(RuntimeError, match="interpreter from version 3.7 on.*Triton 3.6.0"):
         triton_bn.triton_batchnorm(torch.randn(4, 3, 2), None, None)

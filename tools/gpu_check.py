@@ -164,8 +164,11 @@ def bench_module():
     SUMMARY.extend(line for line in text.splitlines() if "vs nn.BatchNorm2d" in line)
 
 
-def variant_steps():
-    """name -> (layout, fn(x, gamma, beta) -> out) for one training step's forward."""
+def variant_steps(tuning=True):
+    """name -> (layout, fn(x, gamma, beta) -> out) for one training step's forward.
+
+    tuning: also the Triton kernels at other BLOCK / NUM_WARPS / PROGRAMS (same kernels, other sizes).
+    """
     from bn_course import triton_bn
 
     def native(a, g, b):
@@ -177,7 +180,8 @@ def variant_steps():
     steps = {"native NCHW": ("contiguous", native), "native channels_last": ("channels_last", native),
              "compiled NCHW": ("contiguous", compiled), "compiled channels_last": ("channels_last", compiled),
              "triton NCHW": ("contiguous", lambda a, g, b: triton_bn.triton_batchnorm(a, g, b)[0])}
-    for block, warps, programs in ((2048, 8, 2048), (1024, 4, 4096), (1024, 8, 1024)):
+    tunings = ((2048, 8, 2048), (1024, 4, 4096), (1024, 8, 1024)) if tuning else ()
+    for block, warps, programs in tunings:
         def fn(a, g, b, block=block, warps=warps, programs=programs):
             saved = triton_bn.BLOCK, triton_bn.NUM_WARPS, triton_bn.PROGRAMS
             triton_bn.BLOCK, triton_bn.NUM_WARPS, triton_bn.PROGRAMS = block, warps, programs
@@ -242,7 +246,7 @@ def variants():
         rounds = "/".join(f"{t:.3f}" for t in r.get("ms_rounds", [r["ms"]]))
         print(f"{r['name']:30} {r.get('direction', ''):17} {rounds:>14} {r.get('launch_ms', 0):7.3f} "
               f"{r['GB_per_s']:7.0f} {r.get('fraction_of_copy', 1):8.0%}")
-        if r["name"] != "copy" and " b" not in r["name"]:
+        if r["name"] in variant_steps(tuning=False):
             SUMMARY.append(f"{r['name']} {r['direction']}: {r['ms']:.3f} ms, {r['fraction_of_copy']:.0%} of copy")
 
 
@@ -252,9 +256,7 @@ def kernels():
     from torch.profiler import ProfilerActivity, profile
     x0, dout0, gamma0, beta0 = data(SHAPE, seed=12)
     report = {}
-    for name, (layout, fn) in variant_steps().items():
-        if " b" in name:  # the block-size variants: same kernels
-            continue
+    for name, (layout, fn) in variant_steps(tuning=False).items():
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         xr = x0.contiguous(memory_format=fmt).requires_grad_(True)
         dout = dout0.contiguous(memory_format=fmt)
