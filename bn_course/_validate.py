@@ -7,6 +7,7 @@ worse, a silently wrong answer.
 """
 
 import math
+import numbers
 
 
 def check_rank(shape, where="input"):
@@ -27,6 +28,11 @@ def values_per_channel(shape):
 def check_enough_values(shape, where="input"):
     """Training-mode statistics need at least two values per channel."""
     m = values_per_channel(shape)
+    if m == 0:
+        raise ValueError(
+            f"{where}: got an empty input, shape {tuple(shape)}: there are no values to compute "
+            "each channel's mean and variance from. Pass a batch with at least 2 values per channel."
+        )
     if m <= 1:
         raise ValueError(
             f"{where}: expected more than 1 value per channel when training, got input of "
@@ -43,4 +49,13 @@ def check_channels(shape, num_features, name, where="input"):
         raise ValueError(
             f"{where}: {name} must have shape ({C},), one value per channel of an input "
             f"with C={C} channels (axis 1 of shape {tuple(shape)}), got shape {tuple(num_features)}."
+        )
+
+
+def check_eps(eps, where="eps"):
+    """eps must be a positive number: it keeps sqrt(var + eps) away from 0 for a constant channel."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(
+            f"{where} must be a positive number, got {eps!r}. It keeps sqrt(var + eps) above 0 when a "
+            "channel's values are all equal (var = 0); PyTorch's default is 1e-5."
         )

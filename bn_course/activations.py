@@ -121,25 +121,35 @@ def weight_grad_rms(x, y, weights, w_out, activation):
     return np.array([float(gw.pow(2).mean().sqrt()) for gw in grads])
 
 
-def _check_data(x, y):
+def _check_data(x, y, n_classes=10):
+    """x: (N, in_features) float tensor; y: (N,) int64 labels in 0..n_classes-1 (the read-out's outputs)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor of shape (N, in_features), got "
-                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}.")
+                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} of dtype "
+                         f"{getattr(x, 'dtype', None)}. Convert integer data first, e.g. x.float().")
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != (x.shape[0],):
         raise ValueError(f"y must be a tensor of {x.shape[0]} class labels (one per row of x), "
                          f"got {tuple(getattr(y, 'shape', ()))}.")
+    if y.dtype != torch.int64:
+        raise ValueError(f"y must hold int64 class labels (what F.cross_entropy expects), got dtype {y.dtype}. "
+                         "Convert it first, e.g. y.long().")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(f"labels must lie in 0..{n_classes - 1} (the read-out has {n_classes} outputs), "
+                         f"got values from {int(y.min())} to {int(y.max())}.")
 
 
 def init_statistics(x, y, depth, width=256, init_scale=1.0, activation="tanh", seed=0,
                     keep_activations=True):
     """Statistics of every layer of a freshly initialized deep MLP on the batch (x, y).
 
-    x: (N, in_features) float tensor, y: (N,) int labels in 0..9. Returns an InitStatistics;
+    x: (N, in_features) float tensor (any float dtype), y: (N,) int64 labels in 0..9. Returns an InitStatistics;
     keep_activations=False leaves out the activations themselves (saves memory in sweeps).
     """
     _check_activation(activation)
     _check_data(x, y)
     weights, w_out = init_weights(depth, width, x.shape[1], init_scale, seed, device=x.device)
+    # the weights are drawn in float32 (the same numbers for every dtype); compute in x's dtype
+    weights, w_out = [w.to(x.dtype) for w in weights], w_out.to(x.dtype)
     with torch.no_grad():
         hs = forward_layers(x, weights, activation)
     return InitStatistics(

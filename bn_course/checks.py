@@ -61,7 +61,11 @@ class _NotAttempted(Exception):
 
 
 class _Raised(Exception):
-    """The learner's function raised; carries a readable description."""
+    """The learner's function raised; carries a readable description and the original ``error``."""
+
+    def __init__(self, description, error=None):
+        super().__init__(description)
+        self.error = error
 
 
 def _call(fn, *args):
@@ -72,7 +76,7 @@ def _call(fn, *args):
     except NotImplementedError:
         raise _NotAttempted() from None
     except Exception as err:  # noqa: BLE001 - the learner's code may raise anything
-        raise _Raised(f"{type(err).__name__}: {str(err).strip()}") from None
+        raise _Raised(f"{type(err).__name__}: {str(err).strip()}", err) from None
     if result is None:
         raise _NotAttempted(returned_none=True)
     return result
@@ -94,6 +98,9 @@ def _never_raises(checker):
 SPATIAL_HINT = (" Your function handles an (N, C) input but not an (N, C, H, W) one: take the "
                 "statistics over every axis except 1 (axes (0, 2, 3) here, with keepdims=True) and "
                 "reshape gamma and beta to (1, C, 1, 1) so they line up with the channel axis.")
+TORCH_RESULT_HINT = ("fn returned a torch tensor; this exercise is NumPy: compute with NumPy "
+                     "(x.mean(...), np.sqrt(...)) on the arrays you are given and return a NumPy "
+                     "array, with the shape and dtype of x.")
 
 
 def _not_attempted(what, returned_none=False):
@@ -129,8 +136,8 @@ def _as_array(value, name):
     return arr, None
 
 
-def _compare(value, expected, name):
-    """None when value matches expected, else a sentence describing the difference."""
+def _compare(value, expected, name, rtol=RTOL, atol=ATOL):
+    """None when value matches expected (within rtol, atol), else a sentence describing the difference."""
     arr, problem = _as_array(value, name)
     if problem:
         return problem
@@ -146,7 +153,7 @@ def _compare(value, expected, name):
     if not np.all(np.isfinite(arr)):
         return (f"{name} contains NaN or inf. Look for a division by zero or the square root of a "
                 "negative number (is epsilon added inside the square root?).")
-    if not np.allclose(arr, expected, rtol=RTOL, atol=ATOL):
+    if not np.allclose(arr, expected, rtol=rtol, atol=atol):
         err = float(np.max(np.abs(arr - expected)))
         return f"{name} differs from the reference: largest absolute difference {err:.3g}."
     return None
@@ -201,6 +208,18 @@ CASES = [  # (shape, eps): a dense layer's (N, C) batch and a conv layer's (N, C
     ((6, 3), 0.1),
     ((4, 3, 2, 5), 0.1),  # W != C, so a gamma broadcast along the last axis fails loudly
 ]
+# float32 input: the output is compared with the float64 reference at float32's precision.
+FLOAT32_RTOL, FLOAT32_ATOL = 1e-4, 1e-4
+
+
+def _raised_hint(err, shape):
+    """The hint for a _Raised error of the learner's NumPy function on an input of this shape."""
+    if (isinstance(err.error, np.exceptions.AxisError)
+            and len(shape) < max(len(case_shape) for case_shape, _ in CASES)):
+        return (f" This input has shape {shape}, and the test cases include (N, C) and "
+                "(N, C, H, W) inputs: compute the axes from x.ndim, "
+                "(0,) + tuple(range(2, x.ndim)); a fixed axes = (0, 2, 3) only fits 4-D input.")
+    return SPATIAL_HINT if len(shape) > 2 else ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,8 +354,9 @@ def _diagnose(value, mistakes):
 def check_batchnorm_forward(fn):
     """Check a NumPy training-mode forward pass ``fn(x, gamma, beta, eps) -> out``.
 
-    x: (N, C) or (N, C, *spatial); gamma, beta: (C,); out: shape of x.
-    Prints what is wrong (naming common mistakes) and returns True or False; never raises.
+    x: (N, C) or (N, C, *spatial); gamma, beta: (C,); out: a NumPy array, shape and dtype of x
+    (float64 and float32 inputs are tried). Prints what is wrong (naming common mistakes) and
+    returns True or False; never raises.
     """
     if not callable(fn):
         return _fail(f"expected a function fn(x, gamma, beta, eps), got {type(fn).__name__}.")
@@ -352,6 +372,8 @@ def check_batchnorm_forward(fn):
             if isinstance(out, list):
                 return _fail("fn returned a Python list; return the NumPy array itself "
                              "(no .tolist()), with the shape and dtype of x.")
+            if hasattr(out, "detach"):
+                return _fail(TORCH_RESULT_HINT)
             problem = _compare(out, expected, "out")
             if problem:
                 found = _diagnose(out, _forward_mistakes(x, gamma, beta, eps))
@@ -364,11 +386,19 @@ def check_batchnorm_forward(fn):
             if not np.array_equal(x_in, x):
                 return _fail("your function changed its input x in place (e.g. x -= mu). "
                              "Work on new arrays so the caller's data is left alone.")
+            if not isinstance(out, np.ndarray):
+                return _fail(f"fn returned {type(out).__name__}; return a NumPy array with the "
+                             "shape and dtype of x.")
+            if out.dtype != x.dtype:
+                return _fail(f"a {x.dtype} input gave a {out.dtype} output. Return out in x's "
+                             "dtype: drop the .astype(...) or dtype=... that changes it.")
         # precision: float32 in, float32 out (the shapes passed above: no shape hint if it raises)
         shape = (5, 3)
         x, gamma, beta, _ = _make_case(shape, 7)
         x32, g32, b32 = x.astype(np.float32), gamma.astype(np.float32), beta.astype(np.float32)
         out = _call(fn, x32, g32, b32, 1e-5)
+        if hasattr(out, "detach"):
+            return _fail(TORCH_RESULT_HINT)
         arr, problem = _as_array(out, "out")
         if problem:
             return _fail(problem)
@@ -377,10 +407,16 @@ def check_batchnorm_forward(fn):
             return _fail(f"a float32 input gave a {dtype} output. Keep the input's precision: "
                          "avoid float64 constants or arrays (np.float64(...), np.array([...]) "
                          "of Python floats) in the computation.")
+        expected = _forward(x32.astype(np.float64), g32.astype(np.float64),
+                            b32.astype(np.float64), 1e-5)
+        problem = _compare(arr, expected, "out", rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL)
+        if problem:
+            return _fail(f"On a float32 input of shape {shape} (eps=1e-5): {problem} Your function "
+                         "is right on float64 input: does it treat float32 input differently?")
     except _NotAttempted as stub:
         return _not_attempted("the forward pass", stub.returned_none)
     except _Raised as err:
-        return _fail(f"your function raised {err}." + (SPATIAL_HINT if len(shape) > 2 else ""))
+        return _fail(f"your function raised {err}." + _raised_hint(err, shape))
     return _passed("Your forward pass matches the reference on (N, C) and (N, C, H, W) inputs "
                    "and keeps float32 as float32.")
 
@@ -392,14 +428,22 @@ def check_batchnorm_forward(fn):
 def _backward(dout, x, gamma, eps, ddof=0, eps_mode="inside", through_mu=True, through_var=True,
               means_as_sums=False, times_m=False, use_gamma=True, dgamma_from_x=False, swap=False,
               params_as_means=False, sign_mu=-1, sign_var=-1, var_term_plain=False, no_sqrt=False):
-    """Reference backward (compact form), with switches that reproduce the common mistakes."""
+    """Reference backward (compact form), with switches that reproduce the common mistakes.
+
+    eps_mode: "inside" (right), "ignored" (eps = 1e-5 whatever is passed), "outside"
+    (inv_std = 1 / (sqrt(var) + eps), used for x_hat and dx), "outside_in_dx" (x_hat right,
+    but dx scaled by 1 / (sqrt(var) + eps)).
+    """
     n = x.ndim
     axes = _axes_but_1(n)
     m = x.size // x.shape[1]
     mu = x.mean(axis=axes, keepdims=True)
     var = x.var(axis=axes, keepdims=True, ddof=ddof)
-    inv_std = 1.0 / np.sqrt(var + (eps if eps_mode == "inside" else 1e-5))
-    x_hat = (x - mu) * inv_std
+    inv_std = 1.0 / np.sqrt(var + (1e-5 if eps_mode == "ignored" else eps))
+    inv_std_outside = 1.0 / (np.sqrt(var) + eps)
+    x_hat = (x - mu) * (inv_std_outside if eps_mode == "outside" else inv_std)
+    if eps_mode in ("outside", "outside_in_dx"):
+        inv_std = inv_std_outside
     param_reduce = np.mean if params_as_means else np.sum
     dbeta = param_reduce(dout, axis=axes)
     dgamma = param_reduce(dout * (x if dgamma_from_x else x_hat), axis=axes)
@@ -462,6 +506,16 @@ def _backward_mistakes(dout, x, gamma, eps):
          "your dx does not use the eps argument. The forward pass divides by sqrt(var + eps), "
          "so the backward pass has the same 1 / sqrt(var + eps).",
          _backward(dout, x, gamma, eps, eps_mode="ignored")),
+        ("epsilon outside the square root",
+         "your backward pass uses 1 / (sqrt(var) + eps). The forward pass divides by "
+         "sqrt(var + eps), with epsilon inside the square root, and the backward pass must "
+         "differentiate that same computation: inv_std = 1 / np.sqrt(var + eps).",
+         _backward(dout, x, gamma, eps, eps_mode="outside")),
+        ("epsilon outside the square root",
+         "your x_hat is right, but dx is scaled by 1 / (sqrt(var) + eps). The forward pass divides "
+         "by sqrt(var + eps), with epsilon inside the square root, so dx carries "
+         "gamma / sqrt(var + eps): inv_std = 1 / np.sqrt(var + eps).",
+         _backward(dout, x, gamma, eps, eps_mode="outside_in_dx")),
         ("dgamma and dbeta averaged instead of summed",
          "gamma and beta are shared by all m values of a channel, so the gradients from those m "
          "values add up: dgamma = sum(dout * x_hat) and dbeta = sum(dout) per channel, not means.",
@@ -785,8 +839,11 @@ def check_batchnorm_function(cls):
 # ---------------------------------------------------------------------------------------
 
 def _fold(W, c, gamma, beta, mu, var, eps, columns=False, eps_mode="inside", sqrt=True, invert=False,
-          use_c=True, scale_c=True, scale_mu=True, use_mu=True):
-    """The folded (W_folded, b_folded), or a named variant of it (the mistakes below)."""
+          use_c=True, scale_c=True, scale_mu=True, use_mu=True, use_gamma=True, use_beta=True):
+    """The folded (W_folded, b_folded), or a named variant of it (the mistakes below).
+
+    eps_mode: "inside" (right), "outside" sqrt(var) + eps, "none" sqrt(var), "fixed" sqrt(var + 1e-5).
+    """
     import torch
     if not sqrt:
         std = var + eps
@@ -794,16 +851,29 @@ def _fold(W, c, gamma, beta, mu, var, eps, columns=False, eps_mode="inside", sqr
         std = torch.sqrt(var + eps)
     elif eps_mode == "outside":
         std = torch.sqrt(var) + eps
+    elif eps_mode == "fixed":
+        std = torch.sqrt(var + 1e-5)
     else:
         std = torch.sqrt(var)
-    a = std / gamma if invert else gamma / std
+    scale = gamma if use_gamma else torch.ones_like(gamma)
+    a = std / scale if invert else scale / std
     W_folded = W * a.reshape(1, -1) if columns else W * a.reshape(-1, 1)
-    b_folded = beta + ((a * c if scale_c else c) if use_c else 0)
+    shift = beta if use_beta else torch.zeros_like(beta)
+    b_folded = shift + ((a * c if scale_c else c) if use_c else 0)
     if use_mu:
         b_folded = b_folded - (a * mu if scale_mu else mu)
     return W_folded, b_folded
 
 
+FOLD_EPS_LEFT_OUT = (
+    "epsilon left out",
+    "The eval-mode BN divides by sqrt(running_var + eps); without eps the folded layer is not "
+    "the same function (and divides by zero for a channel with zero variance).", {"eps_mode": "none"})
+FOLD_EPS_FIXED = (
+    "a fixed number used instead of the eps argument",
+    "Your result stays the same whatever eps is passed: a number written into the code (1e-5?) "
+    "stands where the eps argument belongs. Each BN layer has its own eps (bn.eps), so use the one "
+    "you are given: a = gamma / sqrt(running_var + eps).", {"eps_mode": "fixed"})
 FOLD_W_MISTAKES = [
     ("inputs scaled instead of outputs",
      "a[k] scales output k of the layer, i.e. row k of W (shape (C_out, C_in)): "
@@ -811,15 +881,20 @@ FOLD_W_MISTAKES = [
     ("epsilon outside the square root",
      "BN divides by sqrt(running_var + eps), so a = gamma / sqrt(running_var + eps), not "
      "gamma / (sqrt(running_var) + eps).", {"eps_mode": "outside"}),
-    ("epsilon left out",
-     "The eval-mode BN divides by sqrt(running_var + eps); without eps the folded layer is not "
-     "the same function (and divides by zero for a channel with zero variance).", {"eps_mode": "none"}),
+    FOLD_EPS_LEFT_OUT,
+    FOLD_EPS_FIXED,
+    ("gamma forgotten",
+     "BN scales x_hat by gamma, so a = gamma / sqrt(running_var + eps) (not 1 / sqrt(...)), and a "
+     "scales both W and the bias.", {"use_gamma": False}),
     ("variance used instead of standard deviation",
      "x_hat divides by the standard deviation: a = gamma / sqrt(running_var + eps) (with the square root).",
      {"sqrt": False}),
     ("a turned upside down", "a = gamma / sqrt(running_var + eps): gamma on top.", {"invert": True}),
 ]
 FOLD_B_MISTAKES = [
+    ("beta forgotten",
+     "BN adds beta after scaling, so the folded bias ends with it: "
+     "b_folded = a * (c - running_mean) + beta.", {"use_beta": False}),
     ("the layer's bias c forgotten",
      "The layer adds c before BN, and BN scales it by a: b_folded = a * (c - running_mean) + beta.",
      {"use_c": False}),
@@ -835,6 +910,24 @@ FOLD_B_MISTAKES = [
 ]
 
 
+def _fold_ignores_eps(fn, inputs, result, other_eps=1.0):
+    """Does fn, run again with eps=other_eps, return the same (W_folded, b_folded) as result?
+
+    inputs: (W, c, gamma, beta, running_mean, running_var). True means the eps argument is not used.
+    """
+    try:
+        again = _call(fn, *[t.clone() for t in inputs], other_eps)
+        if not isinstance(again, (tuple, list)) or len(again) != 2:
+            return False
+        for new, old in zip(again, result):
+            old_arr, problem = _as_array(old, "")
+            if problem or not _matches(new, old_arr, strict=True):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - the learner's code may raise anything
+        return False
+
+
 @_never_raises
 def check_fold_linear(fn):
     """Check ``fn(W, c, gamma, beta, running_mean, running_var, eps) -> (W_folded, b_folded)``.
@@ -842,7 +935,8 @@ def check_fold_linear(fn):
     The layer is ``z = x @ W.T + c`` (``nn.Linear``: W of shape (C_out, C_in), c of shape (C_out,)),
     followed by an eval-mode batch norm with gamma, beta, running_mean, running_var of shape (C_out,).
     The folded layer ``x @ W_folded.T + b_folded`` must be the same function. Inputs are float64
-    torch tensors; eps is large (0.1) so that a misplaced eps shows. Prints what is wrong (naming
+    torch tensors; eps is large (0.1) so that a misplaced eps shows (and a wrong answer is run again
+    with eps=1.0 to see whether it uses eps at all). Prints what is wrong (naming
     common mistakes) and returns True or False; never raises.
     """
     import torch
@@ -876,6 +970,13 @@ def check_fold_linear(fn):
             return _fail(where + f"fn returned {type(result).__name__}; it should return two tensors "
                          "(W_folded, b_folded).")
         expected = [t.numpy() for t in _fold(W, c, gamma, beta, mu, var, eps)]
+        first, _ = _as_array(result[0], "W_folded")
+        second, _ = _as_array(result[1], "b_folded")
+        if (first is not None and second is not None
+                and first.shape == expected[1].shape and second.shape == expected[0].shape):
+            return _fail(where + "your function returned (b_folded, W_folded), in swapped order. Return "
+                         "(W_folded, b_folded): the weight first, then the bias, as nn.Linear's "
+                         "(weight, bias).")
         for value, exp, name, mistakes in ((result[0], expected[0], "W_folded", FOLD_W_MISTAKES),
                                            (result[1], expected[1], "b_folded", FOLD_B_MISTAKES)):
             problem = _compare(value, exp, name)
@@ -889,6 +990,13 @@ def check_fold_linear(fn):
             if index == 0 and _matches(value, exp.T):
                 return _fail(where + "W_folded is transposed. Keep W's layout, (C_out, C_in): row k holds "
                              "the weights of output k, and a[k] scales that row: a[:, None] * W.")
+            if index == 0 and _fold_ignores_eps(fn, (W, c, gamma, beta, mu, var), result):
+                # no eps at all, or a number written in its place (a hard-coded 1e-5 differs from
+                # no eps by more than 1e-6 relative here, far above float64 rounding)
+                without_eps = _fold(W, c, gamma, beta, mu, var, eps, eps_mode="none")[0].numpy()
+                left_out = np.allclose(_as_array(value, name)[0], without_eps, rtol=1e-9, atol=1e-12)
+                label, why, _ = FOLD_EPS_LEFT_OUT if left_out else FOLD_EPS_FIXED
+                return _fail(where + f"{name}: {label}. {why}")
             for label, why, options in mistakes:
                 wrong = _fold(W, c, gamma, beta, mu, var, eps, **options)[index].numpy()
                 if _matches(value, wrong):

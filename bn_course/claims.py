@@ -92,7 +92,7 @@ CLAIMS = (
         statement="BN regularizes: it improves generalization (a smaller train/test gap).",
         kind="benefit",
         notebook="07_regularization_and_noise",
-        section="Does BN shrink the train/test gap?",
+        section="1 · Does BN shrink the train/test gap?",
         verdict="contested",
     ),
     # --- why it works (05, 06) ---------------------------------------------------------------
@@ -111,7 +111,7 @@ CLAIMS = (
                   "distribution caused by updates of the layers before it.",
         kind="explanation",
         notebook="06_why_does_it_work",
-        section="Internal covariate shift, measured",
+        section="1 · Internal covariate shift, measured",
         verdict="refuted",
     ),
     Claim(
@@ -120,7 +120,7 @@ CLAIMS = (
                   "along the gradient direction.",
         kind="explanation",
         notebook="06_why_does_it_work",
-        section="The loss landscape along the gradient",
+        section="3 · The loss landscape along the gradient",
         verdict="contested",
     ),
     Claim(
@@ -130,17 +130,16 @@ CLAIMS = (
                   "shrinks unless weight decay holds it.",
         kind="explanation",
         notebook="06_why_does_it_work",
-        section="Scale invariance and the effective learning rate",
+        section="4 · Scale invariance and the effective learning rate",
         verdict="confirmed",
     ),
     # --- limitations (07, 08, 09) ------------------------------------------------------------
     Claim(
         id="does_not_remove_overfitting",
-        statement="BN does not remove overfitting on its own; it is still combined with other "
-                  "regularizers such as dropout.",
+        statement="BN does not remove overfitting on its own.",
         kind="limitation",
         notebook="07_regularization_and_noise",
-        section="Does BN shrink the train/test gap?",
+        section="1 · Does BN shrink the train/test gap?",
         verdict="confirmed",
     ),
     Claim(
@@ -149,7 +148,7 @@ CLAIMS = (
                   "and costs accuracy.",
         kind="limitation",
         notebook="07_regularization_and_noise",
-        section="Dropout and BN: the variance shift",
+        section="2 · Dropout and BN: the variance shift",
         verdict="contested",
     ),
     Claim(
@@ -158,7 +157,7 @@ CLAIMS = (
                   "stopping) is what protects it.",
         kind="limitation",
         notebook="07_regularization_and_noise",
-        section="Noisy labels: BN still memorizes",
+        section="3 · Noisy labels: BN still memorizes",
         verdict="confirmed",
     ),
     Claim(

@@ -31,20 +31,69 @@ from bn_course.data import load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES, named_weight_layers
-from bn_course.train import train
+from bn_course.train import real_number, train
 
 WEIGHT_LAYER_TYPES = WEIGHT_TYPES  # one definition, in bn_course.recording
 
 
-def _check_model_and_batch(model, x, y):
+def _check_model_input(model, x):
+    """x must be a float tensor of at least 2 rows that the model's first weight layer accepts.
+
+    x must have the dtype of the first Linear/Conv layer's weight. If that layer is an ``nn.Linear``,
+    each example must hold ``in_features`` numbers: x is (N, in_features) (or images that the model
+    flattens first). For a first Conv layer the shape is not checked (the course's CNN accepts flat
+    rows or images).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}. "
+                        "Convert it first, e.g. x.float().")
+    first = next((m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES)), None)
+    if first is not None and first.weight.dtype != x.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's weights have dtype {first.weight.dtype}; "
+                        f"convert one so that they match, e.g. x.to({first.weight.dtype}).")
+    if x.dim() == 0 or x.shape[0] < 2:
+        raise ValueError(f"a batch of at least 2 examples is needed (the variance of a single example is "
+                         f"undefined), got x of shape {tuple(x.shape)}.")
+    if isinstance(first, nn.Linear) and x[0].numel() != first.in_features:
+        raise ValueError(f"each example of x must hold {first.in_features} numbers (the model's first layer "
+                         f"is Linear({first.in_features}, {first.out_features})): x should have shape "
+                         f"(N, {first.in_features}), got {tuple(x.shape)}.")
+
+
+def _check_labels(model, y):
+    """y must be (N,) int64 class labels in 0..C-1, C the out_features of the model's last Linear layer."""
+    if y.dtype != torch.int64 or y.dim() != 1:
+        raise TypeError(f"y must be a 1-D int64 tensor of class labels (what F.cross_entropy expects), "
+                        f"got dtype {y.dtype} and shape {tuple(y.shape)}. Convert it first, e.g. y.long().")
+    last = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES)][-1:]
+    n_classes = last[0].out_features if last and isinstance(last[0], nn.Linear) else None
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got a label {int(y.min())}.")
+    if n_classes is not None and y.numel() and int(y.max()) >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1} (the model has {n_classes} outputs), "
+                         f"got a label {int(y.max())}.")
+
+
+def _check_model_and_batch(model, x, y, labels=True):
+    """The checks of every measurement on one batch: model, x (see :func:`_check_model_input`), y.
+
+    labels: True when the loss is the cross-entropy, so y must hold class labels
+    (:func:`_check_labels`); False for another ``loss_fn``, whose targets may be anything.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}.")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}.")
-    if x.shape[0] < 2:
-        raise ValueError(f"a batch of at least 2 examples is needed (batch norm in training mode), got {x.shape[0]}.")
+    _check_model_input(model, x)
+    if y.dim() == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and "
+                         f"{y.shape[0] if y.dim() else 'a 0-dim y'}.")
+    if labels:
+        _check_labels(model, y)
 
 
 def weight_layers(model):
@@ -88,9 +137,10 @@ def internal_covariate_shift(model, x, y, lr, loss_fn=F.cross_entropy):
     ``layer`` (names), ``diff_norm`` = ||G - G'||, ``rel_diff`` = ||G - G'|| / ||G||,
     ``cosine`` = <G, G'> / (||G|| ||G'||).
     """
-    _check_model_and_batch(model, x, y)
-    if not (isinstance(lr, (int, float)) and lr > 0):
+    _check_model_and_batch(model, x, y, labels=loss_fn is F.cross_entropy)
+    if real_number(lr) is None or not real_number(lr) > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    lr = real_number(lr)  # a Python float, also for np.float32(0.1) or torch.tensor(0.1)
     work = copy.deepcopy(model).train()
     params = list(work.parameters())
     loss = loss_fn(work(x), y)
@@ -157,6 +207,9 @@ class NoisyShift(nn.Module):
         return scale.to(device), shift.to(device)
 
     def forward(self, x):
+        if not x.is_floating_point():
+            raise TypeError(f"NoisyShift expects a floating-point input (it scales and shifts it), got dtype "
+                            f"{x.dtype}. Convert it first, e.g. x.float().")
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"NoisyShift({self.num_features}) expects an input of shape (N, {self.num_features}, ...), "
                              f"got {tuple(x.shape)}.")
@@ -240,6 +293,9 @@ def input_drift(means, stds):
     Returns mean over steps and units of ``|mean_t - mean_{t-1}|``, divided by the average std.
     Some drift is always there (every step sees a new batch); extra drift means shifting inputs.
     """
+    if tuple(means.shape) != tuple(stds.shape) or means.dim() != 2:
+        raise ValueError(f"means and stds must both have shape (T, C), one row per step and one column per unit, "
+                         f"got {tuple(means.shape)} and {tuple(stds.shape)}.")
     if means.shape[0] < 2:
         raise ValueError(f"need at least 2 recorded steps to measure a drift, got {means.shape[0]}.")
     return ((means[1:] - means[:-1]).abs().mean() / stds.mean().clamp_min(1e-12)).item()
@@ -301,12 +357,14 @@ NOISE_VARIANTS = ("none", "batch", "noisy batch", "noisy none")
 
 
 def train_and_record(variant, seed=0, steps=400, lr=0.1, max_shift=1.0, max_scale=2.0, eval_every=25,
-                     probe=2, hidden=(100, 100, 100), callback=None, data=None, device=None, progress=False):
+                     probe=2, hidden=(100, 100, 100), callback=None, data=None, device=None, progress=False,
+                     init_scale=None):
     """Train one network of notebook 06 and record the input of one layer at every step.
 
     variant: "none" (no BN), "batch" (BN), "noisy batch" (BN, then :class:`NoisyShift` after each BN),
              "noisy none" (no BN, the same noise after each hidden Linear) -- the noisy-BN experiment.
     probe: index of the weight layer whose input distribution is recorded (2 = the third).
+    init_scale: None for PyTorch's default initialization, or ``models.mlp``'s s (sqrt(2): He's).
     callback: an extra ``train`` callback, e.g. :class:`Snapshots` to measure later.
     Test accuracy is evaluated every ``eval_every`` steps (the training set is not evaluated).
     Returns a dict: ``history`` and ``drift`` (:func:`input_drift` of the probe layer's input over
@@ -314,14 +372,21 @@ def train_and_record(variant, seed=0, steps=400, lr=0.1, max_shift=1.0, max_scal
     """
     if variant not in NOISE_VARIANTS:
         raise ValueError(f"variant must be one of {NOISE_VARIANTS}, got {variant!r}.")
+    if not (isinstance(steps, int) and steps >= 2):
+        raise ValueError(f"steps must be an integer >= 2: the drift compares the probe layer's input "
+                         f"from one step to the next, got {steps!r}.")
     data = _digits(data, device)
     seed_everything(seed)
     norm = "batch" if "batch" in variant else "none"
-    model = mlp(hidden=hidden, norm=norm)
+    model = mlp(hidden=hidden, norm=norm, init_scale=init_scale)
     if variant.startswith("noisy"):
         generator = torch.Generator().manual_seed(10_000 + seed)
         model = add_noise_after(model, "batchnorm" if norm == "batch" else "linear", max_shift, max_scale, generator)
-    recorder = LayerInputMoments(weight_layers(model)[probe][1])
+    layers = weight_layers(model)
+    if not (isinstance(probe, int) and 0 <= probe < len(layers)):
+        raise ValueError(f"probe must be the index of a weight layer, 0..{len(layers) - 1} for this model "
+                         f"({', '.join(name for name, _ in layers)}), got {probe!r}.")
+    recorder = LayerInputMoments(layers[probe][1])
     try:
         history = train(model, data, steps, lr, seed=seed, device=device, progress=progress, eval_every=eval_every,
                         callback=callback, eval_train=False)

@@ -57,8 +57,9 @@ def check_foldable(layer, bn):
         raise ValueError(
             f"{type(bn).__name__} has no running statistics (track_running_stats=False), so even in "
             "evaluation mode it normalizes with each batch's own statistics: it is not a fixed affine "
-            "map and cannot be folded. Train it with track_running_stats=True, or compute population "
-            "statistics first (bn_course.pitfalls.precise_bn_stats)."
+            "map and cannot be folded. Re-create the batch norm with track_running_stats=True (copying its "
+            "weight and bias), then set its statistics by training or with "
+            "bn_course.pitfalls.precise_bn_stats(model, x_train)."
         )
     C = _out_channels(layer)
     if bn.num_features != C:

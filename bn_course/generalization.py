@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 from bn_course import seed_everything
+from bn_course.covariate_shift import _check_model_input
 from bn_course.data import load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.pitfalls import precise_bn_stats
-from bn_course.train import evaluate, train
+from bn_course.train import evaluate, real_number, train
 
 DROPOUT_PLACES = ("none", "before_bn", "after_bn")
 
@@ -43,8 +44,9 @@ def noisy_labels(y, fraction, n_classes=10, seed=0):
     if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
         raise TypeError(f"y must be a 1-D int64 tensor of class labels, got "
                         f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}.")
-    if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+    if real_number(fraction) is None or not 0 <= real_number(fraction) <= 1:
         raise ValueError(f"fraction must be a number between 0 and 1, got {fraction!r}.")
+    fraction = real_number(fraction)  # a Python float, also for np.float32(0.4)
     if not (isinstance(n_classes, int) and n_classes >= 2):
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
@@ -73,8 +75,9 @@ def with_dropout(model, p, where):
     """
     if where not in DROPOUT_PLACES:
         raise ValueError(f"where must be one of {DROPOUT_PLACES}, got {where!r}.")
-    if not (isinstance(p, (int, float)) and 0 <= p < 1):
+    if real_number(p) is None or not 0 <= real_number(p) < 1:
         raise ValueError(f"p must be a number with 0 <= p < 1, got {p!r}.")
+    p = real_number(p)  # a Python float, also for np.float32(0.5) or torch.tensor(0.5)
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"with_dropout rebuilds an nn.Sequential (as bn_course.models.mlp returns), "
                         f"got {type(model).__name__}.")
@@ -95,13 +98,14 @@ def with_dropout(model, p, where):
 def variance_shift(model, x):
     """Per BN layer: the variance it stored in training against the variance it sees in evaluation.
 
-    model: a trained model with BN layers; x: (N, ...) inputs (e.g. the training set).
+    model: a trained model with BN layers; x: (N, ...) float inputs, N >= 2 (e.g. the training set).
     Runs ``model`` in evaluation mode (dropout off) on ``x`` and captures each BN layer's
     input. Returns one dict per BN layer (in order): ``layer`` (its name), ``running_var``
     (C,) what BN divides by in evaluation, ``eval_var`` (C,) the variance its input really
     has in evaluation, and ``ratio`` = mean over channels of running_var / eval_var
     (1 = no shift; > 1: BN shrinks the activations too much in evaluation).
     """
+    _check_model_input(model, x)  # a float batch of >= 2 rows (one row has no variance) that fits the model
     named = [(n, m) for n, m in model.named_modules() if _is_batchnorm(m)]
     if not named:
         raise ValueError("the model has no batch norm layer.")

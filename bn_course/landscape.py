@@ -30,7 +30,7 @@ from bn_course import seed_everything
 from bn_course.covariate_shift import WEIGHT_LAYER_TYPES, _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
-from bn_course.train import train
+from bn_course.train import real_number, train
 
 
 def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
@@ -65,7 +65,7 @@ def loss_along_gradient(model, x, y, step_sizes, loss_fn=F.cross_entropy):
     here, ``grad_change`` (S,) ``||grad L(theta - s g) - g||``, ``distance`` (S,) ``s * ||g||``,
     ``grad_norm`` ``||g||``.
     """
-    _check_model_and_batch(model, x, y)
+    _check_model_and_batch(model, x, y, labels=loss_fn is F.cross_entropy)
     steps = [float(s) for s in step_sizes]
     if not steps or any(not (s > 0) for s in steps):
         raise ValueError(f"step_sizes must be a non-empty sequence of positive numbers, got {list(step_sizes)!r}.")
@@ -123,9 +123,10 @@ def scale_invariance(model, x, y, layer, c, loss_fn=F.cross_entropy):
     ``grad_norm_scaled`` (for a scale-invariant W this is grad_norm / c), and ``radial_cosine``
     = cos(grad, W) (0 for a scale-invariant W: the gradient is orthogonal to W).
     """
-    _check_model_and_batch(model, x, y)
-    if not (isinstance(c, (int, float)) and c > 0):
+    _check_model_and_batch(model, x, y, labels=loss_fn is F.cross_entropy)
+    if real_number(c) is None or not real_number(c) > 0:
         raise ValueError(f"c must be a positive number, got {c!r}.")
+    c = real_number(c)  # a Python float, also for np.float32(2.0) or torch.tensor(2.0)
     names = {id(m): n for n, m in model.named_modules()}
     if id(layer) not in names or not isinstance(getattr(layer, "weight", None), torch.Tensor):
         raise ValueError("layer must be a module of model that has a weight.")

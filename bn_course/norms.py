@@ -34,7 +34,7 @@ from bn_course._validate import check_enough_values as check_bn_values
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
-from bn_course.torch_bn import BatchNorm, BatchNormFunction, check_input, per_channel
+from bn_course.torch_bn import LOW_PRECISION, BatchNorm, BatchNormFunction, check_input, per_channel
 from bn_course.train import evaluate, train
 
 
@@ -77,6 +77,39 @@ def check_enough_values(m, shape, where, what):
         )
 
 
+def check_affine_params(gamma, beta, shape, meaning, where):
+    """gamma and beta (each may be None) must be tensors of ``shape``; ``meaning`` says why."""
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor of shape {shape} or None, got {type(p).__name__}.")
+        if tuple(p.shape) != tuple(shape):
+            raise ValueError(f"{where}: {name} must have shape {shape}, {meaning}, got shape {tuple(p.shape)}.")
+
+
+def per_channel_meaning(x):
+    """How check_affine_params explains the shape (C,) of a per-channel gamma or beta."""
+    return f"one value per channel of an input with C={x.shape[1]} channels (axis 1 of shape {tuple(x.shape)})"
+
+
+def compute_dtype(x, gamma, beta, where):
+    """The dtype to normalize x in: x's own, or float32 for float16/bfloat16 input with float32
+    gamma or beta (mixed precision, as in torch and the course's BatchNorm; the output is then
+    converted back to x's dtype). Any other dtype mismatch between x and gamma or beta is an error."""
+    dtype = x.dtype
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p is None or p.dtype == x.dtype:
+            continue
+        if x.dtype in LOW_PRECISION and p.dtype == torch.float32:
+            dtype = torch.float32
+        else:
+            raise TypeError(f"{where}: {name} has dtype {p.dtype} but the input has dtype {x.dtype}; "
+                            f"convert one so that they match, e.g. x.to({p.dtype}), or {name}.to({x.dtype}) "
+                            f"(for a module: module.to({x.dtype})).")
+    return dtype
+
+
 # --- the shared step -----------------------------------------------------------------------
 
 def standardize(x, dims, eps=1e-5):
@@ -111,9 +144,12 @@ def add_affine_params(module, shape, weight=True, bias=True):
 def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
     """Layer normalization: statistics over the trailing ``normalized_shape`` dims of each sample.
 
-    x: (*, *normalized_shape); gamma, beta: normalized_shape or None. Returns the shape of x.
+    x: (*, *normalized_shape); normalized_shape: a tuple, or an int for the last dim only;
+    gamma, beta: normalized_shape or None. Returns the shape (and dtype) of x.
     Matches torch.nn.functional.layer_norm.
     """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)
     where = f"layer_norm(normalized_shape={normalized_shape})"
     check_float_tensor(x, f"{where} input")
@@ -123,6 +159,11 @@ def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
             f"{where}: the input's last {k} dimensions must equal normalized_shape={normalized_shape}, "
             f"got input of shape {tuple(x.shape)}."
         )
+    check_affine_params(gamma, beta, normalized_shape, "that of normalized_shape (one value per normalized element)",
+                        where)
+    check_enough_values(int(math.prod(normalized_shape)), x.shape, where, "sample")
+    in_dtype = x.dtype
+    x = x.to(compute_dtype(x, gamma, beta, where))
     dims = list(range(x.dim() - k, x.dim()))
     x_hat, _, _ = standardize(x, dims, eps)
     out = x_hat
@@ -130,7 +171,7 @@ def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
         out = out * gamma
     if beta is not None:
         out = out + beta
-    return out
+    return out.to(in_dtype)
 
 
 class LayerNorm(nn.Module):
@@ -172,7 +213,7 @@ def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
     """Group normalization: each sample's channels split into ``num_groups`` groups,
     statistics over the channels of a group and all spatial positions.
 
-    x: (N, C, *spatial); gamma, beta: (C,) or None. Returns the shape of x.
+    x: (N, C, *spatial); gamma, beta: (C,) or None. Returns the shape (and dtype) of x.
     num_groups=1 is LayerNorm over (C, *spatial); num_groups=C is InstanceNorm.
     """
     where = f"group_norm(num_groups={num_groups})"
@@ -180,14 +221,15 @@ def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
     check_min_rank(x, 2, "(N, C, *spatial)", where)
     N, C = x.shape[0], x.shape[1]
     check_groups(num_groups, C)
-    if gamma is not None:
-        check_num_channels(x, gamma.shape[0], where)
+    check_affine_params(gamma, beta, (C,), per_channel_meaning(x), where)
     m = (C // num_groups) * int(math.prod(x.shape[2:]))
     check_enough_values(m, x.shape, where, "group")
+    in_dtype = x.dtype
+    x = x.to(compute_dtype(x, gamma, beta, where))
     grouped = x.reshape(N, num_groups, -1)               # (N, G, C/G * prod(spatial))
     x_hat, _, _ = standardize(grouped, [2], eps)
     x_hat = x_hat.reshape(x.shape)
-    return scale_and_shift_channels(x_hat, gamma, beta)
+    return scale_and_shift_channels(x_hat, gamma, beta).to(in_dtype)
 
 
 class GroupNorm(nn.Module):
@@ -216,14 +258,16 @@ def instance_norm(x, gamma=None, beta=None, eps=1e-5):
     """Instance normalization: statistics over the spatial dims of each sample and channel.
 
     x: (N, C, *spatial) with at least one spatial dim; gamma, beta: (C,) or None.
+    Returns the shape (and dtype) of x.
     """
     check_float_tensor(x, "instance_norm input")
     check_min_rank(x, 3, "(N, C, *spatial)", "instance_norm")
-    if gamma is not None:
-        check_num_channels(x, gamma.shape[0], "instance_norm")
+    check_affine_params(gamma, beta, (x.shape[1],), per_channel_meaning(x), "instance_norm")
     check_enough_values(int(math.prod(x.shape[2:])), x.shape, "instance_norm", "sample and channel")
+    in_dtype = x.dtype
+    x = x.to(compute_dtype(x, gamma, beta, "instance_norm"))
     x_hat, _, _ = standardize(x, list(range(2, x.dim())), eps)
-    return scale_and_shift_channels(x_hat, gamma, beta)
+    return scale_and_shift_channels(x_hat, gamma, beta).to(in_dtype)
 
 
 class InstanceNorm(nn.Module):
@@ -255,14 +299,16 @@ class InstanceNorm(nn.Module):
 
 def check_bn_layer_input(layer, x, same_dtype=True):
     """x must be a floating-point tensor (N, C, *spatial) with C = layer.num_features
-    (and, when ``same_dtype``, the dtype of the layer's running statistics)."""
+    (and, when ``same_dtype``, the dtype of the layer's running statistics, or float16/bfloat16
+    with float32 statistics: computed in float32, as ``BatchNorm`` does)."""
     name = f"{type(layer).__name__}({layer.num_features})"
     check_input(x, f"{name} input")
     check_num_channels(x, layer.num_features, name)
-    if same_dtype and x.dtype != layer.running_mean.dtype:
+    p = layer.running_mean.dtype
+    if same_dtype and x.dtype != p and not (x.dtype in LOW_PRECISION and p == torch.float32):
         raise TypeError(
             f"{name} input has dtype {x.dtype} but the layer's parameters and buffers are "
-            f"{layer.running_mean.dtype}; convert one to match, e.g. layer.to({x.dtype})."
+            f"{p}; convert one to match, e.g. x.to({p}) or layer.to({x.dtype})."
         )
 
 
@@ -300,6 +346,8 @@ class BatchRenorm(BatchNorm):
             return super().forward(x)
         check_bn_layer_input(self, x)
         check_bn_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
+        in_dtype = x.dtype
+        x = x.to(self.running_mean.dtype)  # float16/bfloat16 input: compute in float32, as BatchNorm
         stats = {}  # BatchNormFunction fills in the batch's mu, biased var and m (no gradient)
         x_hat_B = BatchNormFunction.apply(x, None, None, self.eps, stats)  # (x - mu_B) / s_B, gradient as in BN
         mu_B, var_B, m = stats["mu"], stats["var"], stats["m"]
@@ -310,8 +358,9 @@ class BatchRenorm(BatchNorm):
         x_hat = x_hat_B * per_channel(r, x.dim()) + per_channel(d, x.dim())
         self.update_running_averages(mu_B, var_B * m / (m - 1))
         if not self.affine:
-            return x_hat
-        return x_hat * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
+            return x_hat.to(in_dtype)
+        out = x_hat * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
+        return out.to(in_dtype)
 
 
 # --- Ghost Batch Normalization -------------------------------------------------------------
@@ -334,10 +383,31 @@ class GhostBatchNorm(BatchNorm):
     def extra_repr(self):
         return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
 
+    def check_ghost_batches(self, x):
+        """In training every ghost batch, the last (N % ghost_batch_size samples, when not 0)
+        included, needs more than 1 value per channel. (An empty x is left to BatchNorm's check.)"""
+        g, N = self.ghost_batch_size, int(x.shape[0])
+        if N % g != 0:
+            last = N % g
+            smallest = f"the last ghost batch holds N % ghost_batch_size = {N} % {g} = {last} sample"
+        else:
+            last = min(g, N)
+            smallest = f"each ghost batch holds ghost_batch_size = {g} sample"
+        m = last * int(math.prod(x.shape[2:]))
+        if N > 0 and m <= 1:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) input: expected more than 1 value per channel in "
+                f"every ghost batch when training, got input of shape {tuple(x.shape)}: {smallest}, "
+                f"{m} value per channel. The variance of a single value is 0, so x_hat would be 0 for every "
+                "input. Use ghost_batch_size >= 2 and a batch size N with N % ghost_batch_size != 1, "
+                "or evaluation mode."
+            )
+
     def forward(self, x):
         if not self.training:
             return super().forward(x)
         check_bn_layer_input(self, x, same_dtype=False)  # before splitting; BatchNorm checks the dtype
+        self.check_ghost_batches(x)
         return torch.cat([super(GhostBatchNorm, self).forward(chunk)
                           for chunk in torch.split(x, self.ghost_batch_size, dim=0)], dim=0)
 

@@ -15,7 +15,7 @@ Training mode, for each channel::
 
 import numpy as np
 
-from bn_course._validate import check_channels, check_enough_values, check_rank
+from bn_course._validate import check_channels, check_enough_values, check_eps, check_rank
 
 
 def _as_float_array(x, name):
@@ -68,6 +68,7 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     x = _as_float_array(x, "x")
     gamma, beta = _check_params(x, gamma, beta)
     check_enough_values(x.shape, "x")
+    check_eps(eps)
 
     axes = reduce_axes(x)
     mu = x.mean(axis=axes, keepdims=True)            # step 1
@@ -203,10 +204,11 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):
     gamma, beta = _check_params(x, gamma, beta)
     check_channels(x.shape, np.shape(running_mean), "running_mean", "x")
     check_channels(x.shape, np.shape(running_var), "running_var", "x")
+    check_eps(eps)
     running_var = np.asarray(running_var, dtype=x.dtype)
-    if np.any(running_var < 0):
+    if not np.all(running_var >= 0):  # also catches NaN, for which every comparison is False
         raise ValueError(
-            f"running_var must be non-negative (it is a variance), got {running_var}. "
+            f"running_var must be non-negative (it is a variance) and not NaN, got {running_var}. "
             "Was it computed as E[x^2] - E[x]^2 in low precision?"
         )
     a = gamma / np.sqrt(running_var + eps)

@@ -21,13 +21,25 @@ import bn_course
 from bn_course.data import batches
 from bn_course.fold import _is_batchnorm, bn_scale_shift
 from bn_course.models import mlp
-from bn_course.torch_bn import per_channel
+from bn_course.torch_bn import check_input, per_channel
 from bn_course.train import evaluate, train
 
 
 def batchnorm_layers(model):
     """The batch norm layers of ``model``, in the order ``model.modules()`` lists them."""
     return [m for m in model.modules() if _is_batchnorm(m)]
+
+
+def check_running_stats(bn, where):
+    """``bn`` must keep running statistics (track_running_stats=True), the buffers that
+    evaluation mode normalizes with."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{where}: {type(bn).__name__}({bn.num_features}) has no running statistics "
+            "(track_running_stats=False): even in evaluation mode it normalizes with each batch's own "
+            "statistics. Re-create the batch norm with track_running_stats=True (copying its weight and "
+            "bias), then set its statistics by training or with bn_course.pitfalls.precise_bn_stats(model, x_train)."
+        )
 
 
 @torch.no_grad()
@@ -50,8 +62,21 @@ def precise_bn_stats(model, x, batch_size=512):
     and unbiased variance of each batch norm's input over all of ``x`` with the model in
     evaluation mode (so each layer sees what it will see at inference, the layers before
     it already recalibrated). Modifies ``model`` in place and returns it, back in the mode
-    (training or evaluation) it was in. x: (N, ...) the training inputs.
+    (training or evaluation) it was in. x: (N, ...) floating point, the training inputs; each
+    batch norm needs at least 2 values per channel in all of x (N * prod(spatial) >= 2).
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"precise_bn_stats: x must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"precise_bn_stats: x must be a floating-point tensor, got dtype {x.dtype}. "
+                        "Convert it first, e.g. x.float().")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"precise_bn_stats: x must hold at least one sample along axis 0, (N, ...), "
+                         f"got shape {tuple(x.shape)}.")
+    if int(batch_size) < 1:
+        raise ValueError(f"precise_bn_stats: batch_size must be >= 1, got {batch_size}.")
+    for bn in batchnorm_layers(model):  # every layer checked before any is changed
+        check_running_stats(bn, "precise_bn_stats")
     was_training = model.training
     model.eval()
     for bn in batchnorm_layers(model):
@@ -66,6 +91,13 @@ def precise_bn_stats(model, x, batch_size=512):
             total_sq = total_sq + (z * z).sum(dim=dims)
             count += z.numel() // z.shape[1]
         hook.remove()
+        if count < 2:
+            model.train(was_training)
+            raise ValueError(
+                f"precise_bn_stats: {type(bn).__name__}({bn.num_features}) sees {count} value per channel "
+                f"in all of x (shape {tuple(x.shape)}); the unbiased variance needs at least 2 values per "
+                "channel in total. Pass more samples in x."
+            )
         mean = total / count
         var = (total_sq - count * mean * mean) / (count - 1)
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
@@ -120,6 +152,7 @@ class FrozenBatchNorm(nn.Module):
 
     def __init__(self, bn):
         super().__init__()
+        check_running_stats(bn, "FrozenBatchNorm")
         a, b = bn_scale_shift(bn)
         dtype = bn.running_mean.dtype
         self.num_features = bn.num_features
@@ -130,6 +163,14 @@ class FrozenBatchNorm(nn.Module):
         return f"{self.num_features}"
 
     def forward(self, x):
+        """x: (N, C, *spatial) with C = num_features -> a * x + b per channel, shape of x."""
+        name = f"{type(self).__name__}({self.num_features})"
+        check_input(x, f"{name} input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name} got an input with {x.shape[1]} channels (axis 1 of shape "
+                f"{tuple(x.shape)}); the channel count must equal num_features={self.num_features}."
+            )
         return x * per_channel(self.a, x.dim()) + per_channel(self.b, x.dim())
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from bn_course._validate import check_channels, check_enough_values, check_rank
+from bn_course._validate import check_channels, check_enough_values, check_eps, check_rank
 
 # Input dtypes that PyTorch normalizes with float32 parameters and statistics (mixed precision).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -64,16 +64,18 @@ def check_params(x, gamma, beta, where="x"):
 def batchnorm_autograd(x, gamma, beta, eps=1e-5):
     """The four training-mode steps written with torch ops; autograd derives the backward.
 
-    x: (N, C, *spatial); gamma, beta: (C,) -> out: shape of x.
+    x: (N, C, *spatial); gamma, beta: (C,) or None (no scale, no shift) -> out: shape of x.
     """
     check_input(x, "x")
     check_params(x, gamma, beta)
     check_enough_values(tuple(x.shape), "x")
+    check_eps(eps)
     dims = reduce_dims(x)
     mu = x.mean(dim=dims, keepdim=True)                            # step 1
     var = ((x - mu) ** 2).mean(dim=dims, keepdim=True)             # step 2
     x_hat = (x - mu) / torch.sqrt(var + eps)                       # step 3
-    return per_channel(gamma, x.dim()) * x_hat + per_channel(beta, x.dim())  # step 4
+    out = x_hat if gamma is None else per_channel(gamma, x.dim()) * x_hat  # step 4
+    return out if beta is None else out + per_channel(beta, x.dim())
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -104,6 +106,7 @@ class BatchNormFunction(torch.autograd.Function):
         check_input(x, "x")
         check_params(x, gamma, beta)
         check_enough_values(tuple(x.shape), "x")
+        check_eps(eps)
         dims, ndim = reduce_dims(x), x.dim()
         mu = x.mean(dim=dims, keepdim=True)                        # step 1
         x_mu = x - mu
@@ -161,6 +164,14 @@ class BatchNorm(nn.Module):
       ``track_running_stats=False`` keeps no buffers and always uses batch statistics;
     - float16/bfloat16 input with float32 parameters is computed in float32 and returned
       in the input's dtype; any other dtype mismatch is an error, as in PyTorch.
+
+    Where it differs: first derivatives only (the backward pass is written by hand and
+    marked ``once_differentiable``: no gradient of a gradient, as in a gradient penalty, and
+    no ``torch.func`` transforms); ``eps`` must be positive; an empty batch is an error; and
+    in float32 the batch mean is accumulated in float32, so for data far from 0 compared
+    with its spread (mean 1e4, spread 1: float32 values there are 1e-3 apart) the output
+    is up to tens of times less accurate than PyTorch's CPU kernel, which accumulates in
+    float64 (about 1e-3 against 1e-4). Notebook 03 shows the same effect in NumPy.
     """
 
     _version = 2  # nn.BatchNorm's state_dict version (it has num_batches_tracked)
@@ -168,6 +179,7 @@ class BatchNorm(nn.Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True):
         super().__init__()
+        check_eps(eps)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -191,6 +203,14 @@ class BatchNorm(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        """State dicts saved before version 2 (PyTorch < 0.4.1) have no num_batches_tracked: count 0,
+        as nn.BatchNorm does, so that they still load."""
+        key = prefix + "num_batches_tracked"
+        if local_metadata.get("version", 1) < 2 and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def reset_running_stats(self):
         """Back to PyTorch's initial statistics: mean 0, variance 1, no batches seen."""

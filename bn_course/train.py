@@ -30,6 +30,7 @@ eval_train=True) -> History``
 """
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -126,6 +127,21 @@ def make_optimizer(model, optimizer, lr, momentum=0.0, weight_decay=0.0):
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
+def real_number(value):
+    """``value`` as a Python float if it is a real number, else None.
+
+    Accepts what a learner may pass as a number: int, float, NumPy scalars (``np.float32(0.1)``)
+    and 0-dim tensors (``torch.tensor(2.0)``). Rejects bools, strings, lists and larger tensors.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.dim() == 0 and not value.is_complex() else None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
 def _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor):
     for name in ("x_train", "y_train", "x_test", "y_test"):
         if not hasattr(data, name):
@@ -133,7 +149,7 @@ def _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor
                             f"bn_course.data.load_digits_split()); it has no {name!r}.")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-    if not isinstance(lr, (int, float)) or not lr > 0:
+    if real_number(lr) is None or not real_number(lr) > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
     if not isinstance(eval_every, int) or eval_every < 1:
         raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}.")
@@ -167,6 +183,7 @@ def train(model, data, steps, lr, batch_size=60, optimizer="sgd", momentum=0.0, 
     if eval_every is None:
         eval_every = max(1, steps // 50)
     _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor)
+    lr = real_number(lr)  # a Python float, also for np.float32(0.1) or torch.tensor(0.1)
     device = torch.device(device) if device is not None else data.x_train.device
     if data.x_train.device != device:
         data = data.to(device) if hasattr(data, "to") else data

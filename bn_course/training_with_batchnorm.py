@@ -44,7 +44,7 @@ from bn_course.data import batches, load_digits_split
 from bn_course.models import cnn, mlp
 from bn_course.recording import PercentileTracker, layer_norms
 from bn_course.sweep import select
-from bn_course.train import evaluate, train
+from bn_course.train import evaluate, real_number, train
 
 _DATA = {}
 
@@ -93,6 +93,11 @@ def figure1_run(norm, seed, steps=1000, lr=1.0, eval_every=25, track_every=50, d
     ``steps_to_90`` (None if never reached), ``final_accuracy``, ``diverged``,
     ``spread_change``, ``median_shift``, ``saturation`` (final), ``history``, ``tracker``.
     """
+    if not (isinstance(steps, int) and isinstance(track_every, int) and 1 <= track_every <= steps):
+        raise ValueError(f"figure1_run needs integers steps >= track_every >= 1, so that the percentiles are "
+                         f"recorded at least twice (at step 0 and at step track_every) and their change can be "
+                         f"measured; got steps={steps!r}, track_every={track_every!r}. Use steps >= {track_every!r} "
+                         f"or a smaller track_every.")
     bn_course.seed_everything(seed)
     model = mlp(activation="sigmoid", norm=norm).to(digits(device).x_train.device)
     tracker = PercentileTracker(model, digits(device).x_test, name="act3", every=track_every,
@@ -162,7 +167,13 @@ def mean_accuracy(history, until=100):
     """Mean test accuracy over the evaluations at steps 0..``until``: the area under the
     accuracy curve divided by its length. A measure of speed that uses every evaluation,
     so it is less noisy than the step at which one evaluation first crosses a threshold."""
+    if real_number(until) is None or not real_number(until) >= 0:
+        raise ValueError(f"until must be a number of steps >= 0 (the evaluations at steps 0..until are "
+                         f"averaged), got {until!r}.")
     acc = [a for step, a in zip(history.steps, history.test_accuracy) if step <= until]
+    if not acc:
+        first = f"its first is at step {history.steps[0]}" if history.steps else "it has none"
+        raise ValueError(f"the history has no test evaluation at a step <= until={until!r} ({first}).")
     return sum(acc) / len(acc)
 
 

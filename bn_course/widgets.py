@@ -60,7 +60,7 @@ def batchnorm_before_after(x, out, gamma, beta, eps):
     ax0.set_xlabel("x")
     ax0.set_ylabel("count")
     ax1.hist(out.ravel(), bins=30, color="tab:blue")
-    ax1.set_xlim(-8, 8)
+    ax1.set_xlim(-16, 16)  # fixed, so that moving a slider moves the histogram; wide enough for |gamma| = 3, beta = 3
     ax1.set_title(f"after: mean {round(float(out.mean()), 2) + 0.0:.2f}, std {out.std():.3g}", fontsize=10)  # + 0.0: no "-0.00"
     ax1.set_xlabel(r"$y = \gamma \hat{x} + \beta$")
     fig.suptitle(rf"$\gamma$ = {gamma:.2f}, $\beta$ = {beta:.2f}, $\epsilon$ = {eps:.1e}", fontsize=10)

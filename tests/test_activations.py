@@ -120,3 +120,22 @@ def test_bad_input_is_named(batch):
         init_statistics(x.reshape(-1, 1, 8, 8), y, depth=3)
     with pytest.raises(ValueError, match="y must be a tensor of 256 class labels"):
         init_statistics(x, y[:10], depth=3)
+
+
+def test_float64_input_gives_the_float32_statistics(batch):
+    x, y = batch
+    s32 = init_statistics(x, y, depth=4, width=32, activation="tanh", seed=0)
+    s64 = init_statistics(x.double(), y, depth=4, width=32, activation="tanh", seed=0)
+    assert s64.h[0].dtype == np.float64
+    np.testing.assert_allclose(s64.std, s32.std, rtol=1e-5)
+    np.testing.assert_allclose(s64.grad_rms, s32.grad_rms, rtol=1e-4)
+
+
+def test_bad_dtypes_and_labels_are_named(batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"x must be a float tensor .*\(256, 64\) of dtype torch.int64"):
+        init_statistics(x.long(), y, depth=3)
+    with pytest.raises(ValueError, match="y must hold int64 class labels.*got dtype torch.float32"):
+        init_statistics(x, y.float(), depth=3)
+    with pytest.raises(ValueError, match=r"labels must lie in 0..9 .*got values from 0 to 10"):
+        init_statistics(x, torch.where(y == 9, 10, y), depth=3)

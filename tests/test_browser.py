@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,11 +107,23 @@ class Lab:
     token: str
     root: Path
 
+    log: Path = None
+
     def api(self, path, method="GET"):
+        """One call of the server's REST API. A GET that fails with a server error (5xx) is asked again,
+        up to 5 times: jupyter_server can answer 500 to a kernel listing while a kernel is still starting.
+        Past that, the error is raised with the end of the server's log."""
         request = urllib.request.Request(f"{self.url}{path}?token={self.token}", method=method)
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            body = resp.read()
-        return json.loads(body) if body else None
+        for attempt in range(6 if method == "GET" else 1):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    body = resp.read()
+                return json.loads(body) if body else None
+            except urllib.error.HTTPError as err:
+                if err.code < 500 or attempt == (5 if method == "GET" else 0):
+                    tail = self.log.read_text()[-3000:] if self.log and self.log.exists() else "(no log)"
+                    raise AssertionError(f"{method} {path}: HTTP {err.code}; JupyterLab's log ends:\n{tail}") from err
+                time.sleep(0.5)
 
     def shut_down_sessions(self):
         """Stop every kernel, so that the next notebook starts alone in a fresh one."""
@@ -139,7 +152,7 @@ def lab():
         cmd.append("--allow-root")
     log = open(tmp / "jupyterlab.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Lab(url=f"http://127.0.0.1:{port}", token=token, root=root)
+    server = Lab(url=f"http://127.0.0.1:{port}", token=token, root=root, log=tmp / "jupyterlab.log")
     try:
         deadline = time.monotonic() + 120
         while True:

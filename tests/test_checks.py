@@ -130,6 +130,10 @@ def test_forward_names_each_mistake(name, capsys):
     (lambda x, g, b, eps: (forward_good(x, g, b, eps), {}), "tuple"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps).tolist(), "Python list"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps).astype(np.float64), "float32 input gave a float64"),
+    (lambda x, g, b, eps: np.zeros_like(x) if x.dtype == np.float32 else forward_good(x, g, b, eps),
+     "On a float32 input of shape (5, 3) (eps=1e-5): out differs from the reference"),
+    (lambda x, g, b, eps: forward_good(x, g, b, eps).astype(np.float32), "float64 input gave a float32 output"),
+    (lambda x, g, b, eps: torch.from_numpy(forward_good(x, g, b, eps)), "fn returned a torch tensor"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps) + 1e-3, "largest absolute difference"),
     (lambda x: x, "TypeError"),
     (42, "expected a function"),
@@ -145,6 +149,21 @@ def test_forward_2d_only_code_gets_the_spatial_hint(capsys):
         return gamma * (x - mu) / np.sqrt(var + eps) + beta
     ok, out = run(checks.check_batchnorm_forward, only_2d, capsys)
     assert not ok and "(N, C) input but not an (N, C, H, W)" in out
+
+
+def test_forward_fixed_axes_get_the_axes_hint(capsys):
+    axes = (0, 2, 3)  # notebook 02's global, just above the exercise
+
+    def fixed_axes(x, gamma, beta, eps=1e-5):
+        mu = x.mean(axis=axes, keepdims=True)
+        var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return gamma.reshape(shape) * (x - mu) / np.sqrt(var + eps) + beta.reshape(shape)
+
+    ok, out = run(checks.check_batchnorm_forward, fixed_axes, capsys)
+    assert not ok and "AxisError" in out, out
+    assert "compute the axes from x.ndim, (0,) + tuple(range(2, x.ndim))" in out, out
+    assert "a fixed axes = (0, 2, 3) only fits 4-D input" in out, out
 
 
 def test_forward_flags_in_place_change(capsys):
@@ -220,6 +239,27 @@ BACKWARD_MISTAKES.update({
     "wrong sign of the mean term": _backward_written(sign_mu=+1),
     "x_hat missing inside the variance term": _backward_written(var_inner=lambda dout, x_hat: dout),
 })
+
+
+def _backward_eps_outside(x_hat_right=False):
+    """A learner's compact backward that recomputes inv_std as 1 / (sqrt(var) + eps)."""
+    def fn(dout, x, gamma, eps):
+        ax = axes_of(x)
+        mu, var = x.mean(axis=ax, keepdims=True), x.var(axis=ax, keepdims=True)
+        inv_std = 1 / (np.sqrt(var) + eps)
+        x_hat = (x - mu) / np.sqrt(var + eps) if x_hat_right else (x - mu) * inv_std
+        mean = lambda a: a.mean(axis=ax, keepdims=True)  # noqa: E731
+        dx = pc(gamma, x.ndim) * inv_std * (dout - mean(dout) - x_hat * mean(dout * x_hat))
+        return dx, (dout * x_hat).sum(axis=ax), dout.sum(axis=ax)
+    return fn
+
+
+BACKWARD_MISTAKES["epsilon outside the square root"] = _backward_eps_outside()
+
+
+def test_backward_names_eps_outside_the_root_in_dx_only(capsys):
+    ok, out = run(checks.check_batchnorm_backward, _backward_eps_outside(x_hat_right=True), capsys)
+    assert not ok and ": epsilon outside the square root:" in out and "x_hat is right" in out, out
 
 
 def test_backward_accepts_correct_and_staged(capsys):
@@ -436,7 +476,7 @@ def test_function_names_forward_mistakes(name, capsys):
 
 
 @pytest.mark.parametrize("name", ["no gradient through the mean", "no gradient through the mean and the variance",
-                                  "missing 1/m", "dgamma and dbeta swapped"])
+                                  "missing 1/m", "dgamma and dbeta swapped", "epsilon outside the square root"])
 def test_function_names_backward_mistakes(name, capsys):
     ok, out = run(checks.check_batchnorm_function, make_function(backward_fn=BACKWARD_MISTAKES[name]), capsys)
     assert not ok and f": {name}:" in out and "backward" in out, out
@@ -571,12 +611,146 @@ def test_function_backward_for_2d_only_gets_the_spatial_hint(capsys):
     assert "(N, C) input but not an (N, C, H, W)" in out, out
 
 
+def test_function_names_eps_outside_the_root_in_backward_only(capsys):
+    def forward_saving_x(ctx, x, gamma, beta, eps):
+        ctx.save_for_backward(x, gamma)
+        ctx.eps = eps
+        return torch_forward(ctx, x, gamma, beta, eps, save=False)
+
+    def backward_eps_outside(ctx, dout):
+        x, gamma = ctx.saved_tensors
+        dims, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+        m = dout.numel() // dout.shape[1]
+        mu = x.mean(dim=dims, keepdim=True)
+        inv_std = 1 / (torch.sqrt(((x - mu) ** 2).mean(dim=dims, keepdim=True)) + ctx.eps)
+        x_hat = (x - mu) * inv_std
+        dbeta, dgamma = dout.sum(dim=dims), (dout * x_hat).sum(dim=dims)
+        dx = gamma.reshape(shape) * inv_std * (dout - dbeta.reshape(shape) / m
+                                               - x_hat * dgamma.reshape(shape) / m)
+        return dx, dgamma, dbeta, None
+
+    cls = learner_function(forward_saving_x, backward_eps_outside)
+    ok, out = run(checks.check_batchnorm_function, cls, capsys)
+    assert not ok and out.startswith("Not quite. backward"), out
+    assert ": epsilon outside the square root:" in out, out
+
+
 def test_function_forward_without_return_is_asked_about_return(capsys):
     def forward_no_return(ctx, x, gamma, beta, eps):
         torch_forward(ctx, x, gamma, beta, eps)
 
     ok, out = run(checks.check_batchnorm_function, learner_function(forward_no_return), capsys)
     assert not ok and "Not attempted yet" in out and "`return` statement" in out, out
+
+
+# ------------------------------------------------------------------------------ fold linear
+
+def fold_variant(eps_value=None, use_gamma=True, use_beta=True, swap=False):
+    """A learner's fold_linear; eps_value replaces the eps argument (0.0: eps left out)."""
+    def fn(W, c, gamma, beta, running_mean, running_var, eps):
+        eps = eps if eps_value is None else eps_value
+        a = (gamma if use_gamma else 1.0) / torch.sqrt(running_var + eps)
+        W_folded = a[:, None] * W
+        b_folded = a * (c - running_mean) + (beta if use_beta else 0.0)
+        return (b_folded, W_folded) if swap else (W_folded, b_folded)
+    return fn
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (fold_variant(eps_value=1e-5), "W_folded: a fixed number used instead of the eps argument"),
+    (fold_variant(eps_value=1e-3), "W_folded: a fixed number used instead of the eps argument"),
+    (fold_variant(eps_value=0.0), "W_folded: epsilon left out"),
+    (fold_variant(use_gamma=False), "W_folded: gamma forgotten"),
+    (fold_variant(use_beta=False), "b_folded: beta forgotten"),
+    (fold_variant(swap=True), "returned (b_folded, W_folded), in swapped order"),
+])
+def test_fold_names_each_new_mistake(fn, needle, capsys):
+    ok, out = run(checks.check_fold_linear, fn, capsys)
+    assert not ok and needle in out, out
+
+
+def test_fold_fixed_eps_is_not_called_left_out(capsys):
+    ok, out = run(checks.check_fold_linear, fold_variant(eps_value=1e-5), capsys)
+    assert not ok and "epsilon left out" not in out, out
+
+
+# ---------------------------------------------------------------- the notebooks' solutions
+# Copied from the collapsed solution cells: each notebook asserts that its checker accepts them.
+
+def batchnorm_forward_solution(x, gamma, beta, eps=1e-5):  # notebook 02
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mu = x.mean(axis=axes, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    x_hat = (x - mu) / np.sqrt(var + eps)
+    return gamma.reshape(shape) * x_hat + beta.reshape(shape)
+
+
+def batchnorm_backward_solution(dout, x, gamma, eps):  # notebook 03
+    axes = axes_of(x)
+    mu = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    inv_std = 1.0 / np.sqrt(var + eps)
+    x_hat = (x - mu) * inv_std
+    dbeta = dout.sum(axis=axes)
+    dgamma = (dout * x_hat).sum(axis=axes)
+    dx = pc(gamma, x.ndim) * inv_std * (
+        dout - dout.mean(axis=axes, keepdims=True)
+        - x_hat * (dout * x_hat).mean(axis=axes, keepdims=True))
+    return dx, dgamma, dbeta
+
+
+def update_running_stats_solution(running_mean, running_var, x, momentum):  # notebook 03
+    axes = axes_of(x)
+    mu = x.mean(axis=axes)
+    var_unbiased = x.var(axis=axes, ddof=1)
+    new_mean = (1 - momentum) * running_mean + momentum * mu
+    new_var = (1 - momentum) * running_var + momentum * var_unbiased
+    return new_mean, new_var
+
+
+class BatchNormSolution(torch.autograd.Function):  # notebook 04
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps):
+        dims = [0] + list(range(2, x.dim()))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mu = x.mean(dim=dims, keepdim=True)
+        var = ((x - mu) ** 2).mean(dim=dims, keepdim=True)
+        inv_std = 1.0 / torch.sqrt(var + eps)
+        x_hat = (x - mu) * inv_std
+        ctx.save_for_backward(x_hat, inv_std, gamma)
+        return gamma.reshape(shape) * x_hat + beta.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x_hat, inv_std, gamma = ctx.saved_tensors
+        dims = [0] + list(range(2, dout.dim()))
+        shape = (1, -1) + (1,) * (dout.dim() - 2)
+        m = dout.numel() // dout.shape[1]
+        dbeta = dout.sum(dim=dims)
+        dgamma = (dout * x_hat).sum(dim=dims)
+        dx = gamma.reshape(shape) * inv_std * (
+            dout - dbeta.reshape(shape) / m - x_hat * dgamma.reshape(shape) / m)
+        return dx, dgamma, dbeta, None
+
+
+def fold_linear_solution(W, c, gamma, beta, running_mean, running_var, eps):  # notebook 08
+    a = gamma / torch.sqrt(running_var + eps)
+    W_folded = a[:, None] * W
+    b_folded = a * (c - running_mean) + beta
+    return W_folded, b_folded
+
+
+@pytest.mark.parametrize("checker, solution", [
+    (checks.check_batchnorm_forward, batchnorm_forward_solution),
+    (checks.check_batchnorm_backward, batchnorm_backward_solution),
+    (checks.check_running_stats_update, update_running_stats_solution),
+    (checks.check_batchnorm_function, BatchNormSolution),
+    (checks.check_fold_linear, fold_linear_solution),
+], ids=["forward", "backward", "running", "function", "fold"])
+def test_notebook_solutions_pass(checker, solution, capsys):
+    ok, out = run(checker, solution, capsys)
+    assert ok and out.startswith("Correct!"), out
 
 
 # ---------------------------------------------------------------------------- never raises

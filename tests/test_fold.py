@@ -124,7 +124,8 @@ def test_bn_in_training_mode_with_running_stats_still_folds_its_eval_transform()
 
 def test_errors_are_clear():
     conv = nn.Conv2d(3, 4, 3)
-    with pytest.raises(ValueError, match="no running statistics"):
+    with pytest.raises(ValueError, match="no running statistics.*Re-create the batch norm with "
+                                         r"track_running_stats=True.*then.*precise_bn_stats\(model, x_train\)"):
         fold_batchnorm(conv, nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(ValueError, match="no running statistics"):
         fold_batchnorm(conv, BatchNorm(4, track_running_stats=False))

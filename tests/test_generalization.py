@@ -1,5 +1,6 @@
 """bn_course.generalization: label noise, dropout's variance shift, hold-out and early stopping."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -138,3 +139,24 @@ def test_label_noise_is_memorized_and_early_stopping_helps_for_other_seeds(seed)
     assert r["final_test_accuracy"] < r["best_test_accuracy"] - 0.15
     assert r["early_stop_test_accuracy"] > r["final_test_accuracy"] + 0.15
     assert r["early_stop_test_accuracy"] > r["best_test_accuracy"] - 0.05
+
+
+def test_numpy_and_tensor_scalars_are_numbers():
+    model = mlp(hidden=(8, 8), norm="batch")
+    drop = with_dropout(model, np.float32(0.5), "before_bn")
+    assert drop.drop1.p == 0.5 and type(drop.drop1.p) is float
+    assert with_dropout(model, torch.tensor(0.25), "after_bn").drop2.p == 0.25
+    with pytest.raises(ValueError, match="0 <= p < 1"):
+        with_dropout(model, "0.5", "before_bn")
+    y = torch.arange(100) % 10
+    assert torch.equal(noisy_labels(y, np.float32(0.3), seed=1)[0], noisy_labels(y, 0.3, seed=1)[0])
+
+
+def test_variance_shift_rejects_a_batch_that_does_not_fit_or_has_one_row():
+    model = mlp(norm="batch")
+    with pytest.raises(ValueError, match=r"each example of x must hold 64 numbers.*got \(8, 63\)"):
+        variance_shift(model, torch.randn(8, 63))
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        variance_shift(model, torch.randn(1, 64))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        variance_shift(model, torch.randint(0, 3, (8, 64)))

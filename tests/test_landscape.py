@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,7 +125,7 @@ def test_effective_learning_rate_and_norm_growth():
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_norm_growth_law_and_weight_decay_for_other_seeds(seed):
-    """Notebook 06's scale-invariance conclusions on 150 steps instead of 600."""
+    """Notebook 06's scale-invariance conclusions on 150 steps instead of 400."""
     free = weight_norm_experiment(seed, steps=150, lr=1.0, weight_decay=0.0)
     decayed = weight_norm_experiment(seed, steps=150, lr=1.0, weight_decay=1e-3)
     n2 = free["norms"] ** 2
@@ -134,3 +135,28 @@ def test_norm_growth_law_and_weight_decay_for_other_seeds(seed):
     assert (free["norms"][-1] > 1.05 * free["norms"][0]).all()
     assert (decayed["norms"][-1] < free["norms"][-1]).all()
     assert (decayed["effective_lr"][-1] > free["effective_lr"][-1]).all()
+
+
+def test_loss_along_gradient_names_a_batch_that_does_not_fit_the_model():
+    model = mlp(norm="batch")
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    with pytest.raises(ValueError, match=r"each example of x must hold 64 numbers.*got \(8, 63\)"):
+        loss_along_gradient(model, torch.randn(8, 63), y, [0.1])
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        loss_along_gradient(model, x.long(), y, [0.1])
+    with pytest.raises(TypeError, match="y must be a 1-D int64 tensor of class labels"):
+        loss_along_gradient(model, x, y.float(), [0.1])
+    with pytest.raises(ValueError, match=r"labels must lie in 0..9"):
+        scale_invariance(model, x, y + 10, model.linear2, 2.0)
+
+
+def test_scale_invariance_accepts_numpy_and_tensor_scalars_as_c():
+    seed_everything(1)
+    model = mlp(hidden=(16, 16), norm="batch")
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    expected = scale_invariance(model, x, y, model.linear2, 2.0)
+    assert scale_invariance(model, x, y, model.linear2, torch.tensor(2.0)) == pytest.approx(expected)
+    assert scale_invariance(model, x, y, model.linear2, np.float32(2.0)) == pytest.approx(expected)
+    for bad in ("2", torch.tensor(-2.0), torch.ones(2)):
+        with pytest.raises(ValueError, match="c must be a positive number"):
+            scale_invariance(model, x, y, model.linear2, bad)

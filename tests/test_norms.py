@@ -175,6 +175,19 @@ def test_batch_renorm_bad_limits():
         BatchRenorm(3, r_max=0.5)
 
 
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_batch_renorm_computes_low_precision_input_in_float32(low):
+    """Like BatchNorm (and nn.BatchNorm1d): float16/bfloat16 in, float32 inside, input dtype out."""
+    x = (torch.randn(16, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1).to(low)
+    ours, reference = with_running_stats(BatchRenorm(4), 0), with_running_stats(BatchRenorm(4), 0)
+    out = ours(x)
+    assert out.dtype == low
+    torch.testing.assert_close(out, reference(x.float()).to(low))
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    with pytest.raises(TypeError, match=r"dtype torch.float64.*x.to\(torch.float32\)"):
+        BatchRenorm(4)(x.double())
+
+
 # --- Ghost Batch Normalization --------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -205,6 +218,19 @@ def test_ghost_bn_with_one_ghost_batch_is_batch_norm():
     x = torch.randn(16, 3)
     ours, theirs = GhostBatchNorm(3, ghost_batch_size=16), nn.BatchNorm1d(3)
     torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_ghost_bn_checks_every_ghost_batch_up_front():
+    """The error names the learner's input and the ghost batch, not an internal chunk."""
+    with pytest.raises(ValueError, match=r"every ghost batch.*shape \(33, 4\).*33 % 32 = 1 sample"):
+        GhostBatchNorm(4, ghost_batch_size=32)(torch.randn(33, 4))
+    with pytest.raises(ValueError, match=r"every ghost batch.*shape \(8, 4\).*ghost_batch_size = 1 sample"):
+        GhostBatchNorm(4, ghost_batch_size=1)(torch.randn(8, 4))
+    layer = GhostBatchNorm(4, ghost_batch_size=1)  # one sample, but 3 values per channel: fine
+    assert layer(torch.randn(8, 4, 3)).shape == (8, 4, 3) and int(layer.num_batches_tracked) == 8
+    assert GhostBatchNorm(4, ghost_batch_size=32).eval()(torch.randn(33, 4)).shape == (33, 4)
+    with pytest.raises(ValueError, match="ghost_batch_size >= 1, got -2"):
+        GhostBatchNorm(4, ghost_batch_size=-2)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -252,6 +278,52 @@ def test_bad_input_is_rejected_clearly():
         GhostBatchNorm(4, ghost_batch_size=4)(torch.randn(9, 4))  # the last ghost batch has 1 sample
     with pytest.raises(ValueError, match="ghost_batch_size >= 1"):
         GhostBatchNorm(4, ghost_batch_size=0)
+
+
+def test_layer_norm_checks_gamma_and_beta_shapes():
+    x = torch.randn(4, 6, 5, 5)
+    for bad in (torch.ones(5), torch.ones(6)):
+        with pytest.raises(ValueError, match=r"gamma must have shape \(6, 5, 5\).*got shape \(%d,\)" % len(bad)):
+            layer_norm(x, (6, 5, 5), bad, torch.zeros(6, 5, 5))
+    with pytest.raises(ValueError, match=r"beta must have shape \(6, 5, 5\).*got shape \(5,\)"):
+        layer_norm(x, (6, 5, 5), torch.ones(6, 5, 5), torch.zeros(5))
+    with pytest.raises(TypeError, match="gamma must be a torch.Tensor"):
+        layer_norm(x, (6, 5, 5), 1.0)
+    # an int normalized_shape is the last dim, as in torch
+    gamma, beta = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(layer_norm(x, 5, gamma, beta), nn.functional.layer_norm(x, (5,), gamma, beta))
+
+
+@pytest.mark.parametrize("f", [lambda x, g, b: group_norm(x, 3, g, b), instance_norm])
+def test_group_and_instance_norm_check_gamma_and_beta_shapes(f):
+    x = torch.randn(4, 6, 5, 5)
+    with pytest.raises(ValueError, match=r"beta must have shape \(6,\).*C=6 channels.*got shape \(5,\)"):
+        f(x, torch.ones(6), torch.zeros(5))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(6,\).*got shape \(5,\)"):
+        f(x, torch.ones(5), torch.zeros(6))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(6,\).*got shape \(1, 6, 1, 1\)"):
+        f(x, torch.ones(1, 6, 1, 1), None)
+
+
+@pytest.mark.parametrize("ours,theirs,shape", [
+    (LayerNorm(6), nn.LayerNorm(6), (3, 6)),
+    (GroupNorm(3, 6), nn.GroupNorm(3, 6), (3, 6, 4)),
+    (InstanceNorm(6, affine=True), nn.InstanceNorm1d(6, affine=True), (3, 6, 4)),
+])
+def test_dtypes_as_in_torch(ours, theirs, shape):
+    """bfloat16 input with float32 parameters: computed in float32, returned as bfloat16;
+    float64 input with float32 parameters: an error (torch raises too)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, theirs(x.bfloat16()))
+    with pytest.raises(TypeError, match=r"gamma has dtype torch.float32 but the input has dtype torch.float64"):
+        ours(x.double())
+
+
+def test_layer_norm_of_one_value_is_rejected_like_group_norm():
+    with pytest.raises(ValueError, match="more than 1 value per sample"):
+        LayerNorm(1)(torch.randn(3, 1))
 
 
 # --- the experiments of notebook 09, other seeds ------------------------------------------------

@@ -62,7 +62,7 @@ def test_staged_equals_compact(shape):
 def test_output_is_normalized_per_channel(shape):
     x, _, _, _ = make(shape, np.float64, seed=2)
     C = shape[1]
-    out, _ = nb.batchnorm_forward(x, np.ones(C), np.zeros(C), eps=0.0)
+    out, _ = nb.batchnorm_forward(x, np.ones(C), np.zeros(C), eps=1e-12)
     axes = nb.reduce_axes(x)
     np.testing.assert_allclose(out.mean(axis=axes), 0.0, atol=1e-12)
     np.testing.assert_allclose(out.var(axis=axes), 1.0, rtol=1e-10)
@@ -288,3 +288,22 @@ def test_bad_momentum(momentum):
 def test_negative_running_var_in_inference():
     with pytest.raises(ValueError, match="running_var must be non-negative"):
         nb.batchnorm_inference(np.ones((2, 3)), np.ones(3), np.zeros(3), np.zeros(3), np.array([1.0, -0.5, 1.0]))
+
+
+def test_nan_running_var_in_inference():
+    with pytest.raises(ValueError, match="running_var must be non-negative .* and not NaN"):
+        nb.batchnorm_inference(np.ones((2, 3)), np.ones(3), np.zeros(3), np.zeros(3), np.array([1.0, np.nan, 1.0]))
+
+
+@pytest.mark.parametrize("eps", [0, -1e-5, "1e-5", None])
+def test_eps_must_be_a_positive_number(eps):
+    x, gamma, beta, _ = make((4, 3), np.float64)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        nb.batchnorm_forward(x, gamma, beta, eps)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        nb.batchnorm_inference(x, gamma, beta, np.zeros(3), np.ones(3), eps)
+
+
+def test_an_empty_batch_is_named():
+    with pytest.raises(ValueError, match=r"empty input, shape \(0, 3\)"):
+        nb.batchnorm_forward(np.ones((0, 3)), np.ones(3), np.zeros(3))

@@ -49,6 +49,35 @@ def test_precise_bn_stats_on_images_and_keeps_training_mode():
     assert model.training
 
 
+def small_bn_mlp(**bn_options):
+    return nn.Sequential(nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3, **bn_options), nn.ReLU(), nn.Linear(3, 2))
+
+
+def test_precise_bn_stats_rejects_bad_input_clearly():
+    model = small_bn_mlp()
+    with pytest.raises(ValueError, match="BatchNorm1d.*1 value per channel.*at least 2 values per channel in total"):
+        precise_bn_stats(model, torch.randn(1, 4))  # the variance of one value: count - 1 = 0
+    assert torch.equal(model[1].running_var, torch.ones(3)) and model.training
+    with pytest.raises(ValueError, match=r"at least one sample.*shape \(0, 4\)"):
+        precise_bn_stats(model, torch.randn(0, 4))
+    with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+        precise_bn_stats(model, torch.ones(5, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        precise_bn_stats(model, torch.randn(5, 4), batch_size=0)
+    # one image holds 16 values per channel after the conv: enough
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    precise_bn_stats(conv, torch.randn(1, 1, 6, 6))
+    assert torch.isfinite(conv[1].running_var).all()
+
+
+def test_precise_bn_stats_without_running_stats_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3),
+                          nn.Linear(3, 2), nn.BatchNorm1d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match="no running statistics.*Re-create the batch norm with track_running_stats"):
+        precise_bn_stats(model, torch.randn(10, 4))
+    assert torch.equal(model[1].running_mean, torch.zeros(3))  # checked before any layer is changed
+
+
 def test_predict_in_train_mode_leaves_the_model_alone():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -78,6 +107,23 @@ def test_frozen_batchnorm_is_the_eval_map_in_any_mode():
     x = torch.randn(1, 3, 4, 4)
     torch.testing.assert_close(frozen(x), bn.eval()(x))
     assert list(frozen.parameters()) == []
+
+
+def test_frozen_batchnorm_rejects_bad_input_clearly():
+    frozen = FrozenBatchNorm(nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match=r"FrozenBatchNorm\(3\) got an input with 4 channels.*num_features=3"):
+        frozen(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        frozen(torch.randn(3))
+    with pytest.raises(TypeError, match="floating-point.*torch.int64"):
+        frozen(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_freezing_needs_running_statistics():
+    for make in (lambda: FrozenBatchNorm(nn.BatchNorm1d(3, track_running_stats=False)),
+                 lambda: freeze_batchnorm(small_bn_mlp(track_running_stats=False))):
+        with pytest.raises(ValueError, match="no running statistics.*Re-create the batch norm with track_running"):
+            make()
 
 
 def test_freeze_batchnorm_copies_and_trains_with_batch_of_one():

@@ -189,6 +189,22 @@ def test_state_dict_keys_match_and_load_both_ways():
             torch.testing.assert_close(ours(x), fresh_theirs(x))
 
 
+def test_a_state_dict_from_before_num_batches_tracked_loads_as_in_pytorch():
+    """Version 1 state dicts (PyTorch < 0.4.1) have no num_batches_tracked: both load them with a count of 0."""
+    old = nn.BatchNorm2d(3).state_dict()
+    del old["num_batches_tracked"]
+    old._metadata[""]["version"] = 1
+    ours, theirs = BatchNorm(3), nn.BatchNorm2d(3)
+    ours.num_batches_tracked.fill_(5)
+    ours.load_state_dict(old), theirs.load_state_dict(old)
+    assert int(ours.num_batches_tracked) == 0 == int(theirs.num_batches_tracked)
+    current = nn.BatchNorm2d(3).state_dict()
+    del current["num_batches_tracked"]  # a version 2 state dict must have it, in ours as in PyTorch's
+    for layer in (BatchNorm(3), nn.BatchNorm2d(3)):
+        with pytest.raises(RuntimeError, match="Missing key.*num_batches_tracked"):
+            layer.load_state_dict(current)
+
+
 def test_to_dtype_converts_parameters_and_statistics_but_not_the_counter():
     ours, theirs = make_pair(4, torch.float32)
     run_and_compare(ours, theirs, 4, torch.float32, seed=0)
@@ -336,6 +352,32 @@ def test_one_value_per_channel_is_rejected_in_training_but_allowed_in_eval(shape
         no_stats(torch.randn(shape))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         BatchNormFunction.apply(torch.randn(shape), None, None, 1e-5)
+
+
+def test_an_empty_batch_is_named():
+    for call in (BatchNorm(3), lambda x: batchnorm_autograd(x, None, None),
+                 lambda x: BatchNormFunction.apply(x, None, None, 1e-5)):
+        with pytest.raises(ValueError, match=r"empty input, shape \(0, 3, 2\)"):
+            call(torch.randn(0, 3, 2))
+
+
+@pytest.mark.parametrize("eps", [0, 0.0, -1e-5, "1e-5", None, True])
+def test_eps_must_be_a_positive_number(eps):
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        BatchNorm(3, eps=eps)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        batchnorm_autograd(torch.randn(4, 3), None, None, eps)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        BatchNormFunction.apply(torch.randn(4, 3), None, None, eps)
+
+
+def test_autograd_version_without_gamma_and_beta_matches_pytorch():
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = torch.nn.functional.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(batchnorm_autograd(x, None, None), expected)
+    gamma = torch.rand(3, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(batchnorm_autograd(x, gamma, None),
+                               torch.nn.functional.batch_norm(x, None, None, gamma, None, training=True))
 
 
 def test_integer_input_is_rejected():

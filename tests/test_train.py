@@ -2,7 +2,9 @@
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
 import bn_course
 from bn_course.data import load_digits_split
@@ -97,6 +99,15 @@ def test_runs_on_the_course_device(data):
 def test_bad_arguments(data, kwargs, error, match):
     with pytest.raises(error, match=match):
         _run(data, **kwargs)
+
+
+def test_lr_may_be_a_numpy_or_tensor_scalar(data):
+    expected = _run(data, steps=5, lr=0.25).batch_loss
+    assert _run(data, steps=5, lr=np.float32(0.25)).batch_loss == expected
+    assert _run(data, steps=5, lr=torch.tensor(0.25)).batch_loss == expected
+    for bad in ("0.25", torch.tensor([0.25, 0.5]), np.float32(-0.25)):
+        with pytest.raises(ValueError, match="lr must be a positive number"):
+            _run(data, steps=5, lr=bad)
 
 
 def test_data_without_the_four_tensors():

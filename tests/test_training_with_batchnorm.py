@@ -61,6 +61,21 @@ def test_mean_accuracy_and_best_run():
     assert best_run(rows, "none", 1) is None
 
 
+def test_mean_accuracy_checks_until():
+    h = History(steps=[0, 50, 100], test_accuracy=[0.1, 0.5, 0.9])
+    assert mean_accuracy(h, until=np.int64(50)) == pytest.approx(0.3)
+    for bad in (-1, "100", None):
+        with pytest.raises(ValueError, match="until must be a number of steps >= 0"):
+            mean_accuracy(h, until=bad)
+    with pytest.raises(ValueError, match="no test evaluation at a step <= until=20 .its first is at step 30"):
+        mean_accuracy(History(steps=[30], test_accuracy=[0.5]), until=20)
+
+
+def test_figure1_run_needs_at_least_two_records():
+    with pytest.raises(ValueError, match="steps >= track_every.*got steps=10, track_every=50. Use steps >= 50"):
+        figure1_run("batch", 0, steps=10)
+
+
 def test_figure1_bn_is_five_times_faster_and_its_inputs_stay_put():
     rows = run_grid(lambda norm, seed: figure1_run(norm, seed, steps=400, track_every=100),
                     {"norm": ["none", "batch"]}, seeds=OTHER_SEEDS, progress=False)
@@ -104,12 +119,12 @@ def test_at_lr_10_only_the_parameters_bn_does_not_normalize_break():
 
 
 def test_bn_is_insensitive_to_the_init_scale():
-    scales = [0.1, 0.3, 1.0, 3.0, 10.0]
+    scales = [0.1, 0.3, 1.0, 2 ** 0.5, 3.0, 10.0]
     rows = run_grid(lambda init_scale, norm, seed: relu_mlp_run(0.1, 4, norm, seed, init_scale=init_scale),
                     {"norm": ["none", "batch"], "init_scale": scales}, seeds=OTHER_SEEDS, progress=False)
     good_none = good_range(select(rows, norm="none"), x="init_scale")
     good_bn = good_range(select(rows, norm="batch"), x="init_scale")
-    assert good_none == [1.0] and {0.1, 0.3, 1.0, 3.0} <= set(good_bn)
+    assert good_none == [1.0, 2 ** 0.5] and {0.1, 0.3, 1.0, 2 ** 0.5, 3.0} <= set(good_bn)
     assert min(r["best_accuracy"] for r in select(rows, norm="batch")) > 0.75
     assert max(r["best_accuracy"] for r in select(rows, norm="none") if r["init_scale"] <= 0.3) < 0.3
 
