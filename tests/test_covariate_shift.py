@@ -193,7 +193,7 @@ def test_notebook_06_conclusions_for_other_seeds(seed):
             "noisy batch": ("noisy batch", None), "noisy none he": ("noisy none", he)}
     snaps = {n: Snapshots(every=50) for n in ("none", "none he", "batch")}
     runs = {name: train_and_record(variant, seed=seed, steps=300, callback=snaps.get(name), data=data,
-                                   init_scale=init_scale)
+                                   init_scale=init_scale, eval_every=5)
             for name, (variant, init_scale) in nets.items()}
     # 1. BN does not make the earlier layers' step change a layer's gradient less
     ics = {n: ics_along_training(s, lr=0.1) for n, s in snaps.items()}
@@ -203,14 +203,16 @@ def test_notebook_06_conclusions_for_other_seeds(seed):
     assert angle["batch"] > 0.8 * angle["none"], angle
     assert rel["batch"] > 0.8 * rel["none"], rel
     assert rel["batch"] > 0.8 * rel["none he"], rel
-    # 2. noisy BN: far more drift, yet it trains like BN; the same noise slows the He-initialized plain network
+    # 2. noisy BN: far more drift, yet it keeps most of its lead; the noise slows BN and the He network alike
     drift = {v: r["drift"] for v, r in runs.items()}
     assert drift["noisy batch"] > 5 * drift["batch"], drift
     assert drift["noisy batch"] > 2 * drift["none"] and drift["noisy batch"] > 2 * drift["none he"], drift
     assert drift["noisy none he"] > 0.8 * drift["noisy batch"], drift
     steps90 = {v: r["history"].steps_to(0.9) for v, r in runs.items()}
     assert None not in (steps90["noisy batch"], steps90["none"], steps90["none he"]), steps90
-    assert steps90["noisy batch"] < steps90["none"] and steps90["noisy batch"] <= steps90["none he"], steps90
+    assert steps90["none"] - steps90["noisy batch"] > 0.5 * (steps90["none"] - steps90["batch"]), steps90
+    assert steps90["noisy batch"] <= 2 * steps90["none he"], steps90
+    assert steps90["noisy batch"] > steps90["batch"], steps90
     assert steps90["noisy none he"] is None or steps90["noisy none he"] > steps90["none he"], steps90
     acc = {v: r["history"].final_accuracy for v, r in runs.items()}
     assert acc["noisy batch"] > acc["batch"] - 0.03, acc
@@ -224,7 +226,7 @@ def test_notebook_06_conclusions_for_other_seeds(seed):
     assert ratio["max_grad_change"] < 0.8, ratio
     assert 0.5 < ratio["smoothness"] < 2, ratio
     assert ratio["grad_norm"] < 0.75, ratio
-    assert ratio_he["loss_range"] > 0.5 and ratio_he["grad_norm"] > 0.75, ratio_he
+    assert ratio_he["loss_range"] > 0.5 and ratio_he["max_grad_change"] > 0.6 and ratio_he["grad_norm"] > 0.75, ratio_he
 
 
 def test_train_and_record_rejects_an_unknown_variant():
