@@ -39,6 +39,19 @@ def _out_channels(layer):
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def check_running_stats(bn, where, consequence=""):
+    """``bn`` must keep running statistics (track_running_stats=True), the buffers that evaluation
+    mode normalizes with; ``consequence`` says what their absence means for the caller."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"{where}: {type(bn).__name__}({bn.num_features}) has no running statistics "
+            "(track_running_stats=False), so even in evaluation mode it normalizes with each batch's own "
+            f"statistics{consequence}. Re-create the batch norm with track_running_stats=True (copying its "
+            "weight and bias), then set its statistics by training or with "
+            "bn_course.pitfalls.precise_bn_stats(model, x_train)."
+        )
+
+
 def check_foldable(layer, bn):
     """Raise a clear error when ``bn`` cannot be folded into ``layer``."""
     if not isinstance(layer, FOLDABLE_LAYERS) or isinstance(layer, nn.modules.lazy.LazyModuleMixin):
@@ -53,14 +66,7 @@ def check_foldable(layer, bn):
             f"got {type(bn).__name__}. Only batch norm is a fixed per-channel affine map at inference: "
             "LayerNorm, GroupNorm and InstanceNorm use each sample's own statistics."
         )
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        raise ValueError(
-            f"{type(bn).__name__} has no running statistics (track_running_stats=False), so even in "
-            "evaluation mode it normalizes with each batch's own statistics: it is not a fixed affine "
-            "map and cannot be folded. Re-create the batch norm with track_running_stats=True (copying its "
-            "weight and bias), then set its statistics by training or with "
-            "bn_course.pitfalls.precise_bn_stats(model, x_train)."
-        )
+    check_running_stats(bn, "fold_batchnorm", ": it is not a fixed affine map and cannot be folded")
     C = _out_channels(layer)
     if bn.num_features != C:
         raise ValueError(

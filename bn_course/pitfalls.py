@@ -19,27 +19,15 @@ from torch import nn
 
 import bn_course
 from bn_course.data import batches
-from bn_course.fold import _is_batchnorm, bn_scale_shift
+from bn_course.fold import _is_batchnorm, bn_scale_shift, check_running_stats
 from bn_course.models import mlp
-from bn_course.torch_bn import check_input, per_channel
+from bn_course.torch_bn import check_layer_input, per_channel
 from bn_course.train import evaluate, train
 
 
 def batchnorm_layers(model):
     """The batch norm layers of ``model``, in the order ``model.modules()`` lists them."""
     return [m for m in model.modules() if _is_batchnorm(m)]
-
-
-def check_running_stats(bn, where):
-    """``bn`` must keep running statistics (track_running_stats=True), the buffers that
-    evaluation mode normalizes with."""
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        raise ValueError(
-            f"{where}: {type(bn).__name__}({bn.num_features}) has no running statistics "
-            "(track_running_stats=False): even in evaluation mode it normalizes with each batch's own "
-            "statistics. Re-create the batch norm with track_running_stats=True (copying its weight and "
-            "bias), then set its statistics by training or with bn_course.pitfalls.precise_bn_stats(model, x_train)."
-        )
 
 
 @torch.no_grad()
@@ -164,13 +152,7 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, x):
         """x: (N, C, *spatial) with C = num_features -> a * x + b per channel, shape of x."""
-        name = f"{type(self).__name__}({self.num_features})"
-        check_input(x, f"{name} input")
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name} got an input with {x.shape[1]} channels (axis 1 of shape "
-                f"{tuple(x.shape)}); the channel count must equal num_features={self.num_features}."
-            )
+        check_layer_input(x, self.num_features, f"{type(self).__name__}({self.num_features})")
         return x * per_channel(self.a, x.dim()) + per_channel(self.b, x.dim())
 
 

@@ -48,6 +48,17 @@ def check_input(x, where="input"):
     check_rank(tuple(x.shape), where)
 
 
+def check_layer_input(x, num_features, name):
+    """The input of a layer ``name`` built for ``num_features`` channels: a floating tensor
+    (N, C, *spatial) with C = num_features."""
+    check_input(x, f"{name} input")
+    if x.shape[1] != num_features:
+        raise ValueError(
+            f"{name} got an input with {x.shape[1]} channels (axis 1 of shape "
+            f"{tuple(x.shape)}); the channel count must equal num_features={num_features}."
+        )
+
+
 def check_params(x, gamma, beta, where="x"):
     """gamma and beta (each may be None) must be tensors of shape (C,) with the dtype of x."""
     for name, p in (("gamma", gamma), ("beta", beta)):
@@ -242,12 +253,7 @@ class BatchNorm(nn.Module):
     def _check(self, x):
         """x must be a floating tensor (N, C, *spatial) with C = num_features, in the layer's dtype."""
         name = f"{type(self).__name__}({self.num_features})"
-        check_input(x, f"{name} input")
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name} got an input with {x.shape[1]} channels (axis 1 of shape "
-                f"{tuple(x.shape)}); the channel count must equal num_features={self.num_features}."
-            )
+        check_layer_input(x, self.num_features, name)
         p = self._param_dtype()
         if p is not None and x.dtype != p and not (x.dtype in LOW_PRECISION and p == torch.float32):
             raise TypeError(
