@@ -64,7 +64,8 @@ def test_bug1_biased_running_variance_underestimates_and_inflates_eval_outputs(s
     x_test = classic_bugs.make_batches(1, 4000, 16, mean=3.0, var=4.0, seed=seed + 1000)[0]
     std_right = float(((x_test - x_test.mean(0)) / torch.sqrt(var_right[-1] + 1e-5)).std())
     std_biased = float(((x_test - x_test.mean(0)) / torch.sqrt(var_biased[-1] + 1e-5)).std())
-    assert 0.93 < std_right < 1.07 and std_biased > 1.09
+    assert 0.93 < std_right < 1.07
+    assert abs(std_biased / std_right - (4 / 3) ** 0.5) < 0.01   # sqrt(m / (m - 1)) times larger
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -76,6 +77,7 @@ def test_bug2_reversed_momentum_makes_the_running_mean_follow_the_last_batch(see
     assert wobble_reversed > 2.5 * wobble_right
     theory_right, theory_reversed = (0.5 * (alpha / (2 - alpha)) ** 0.5 for alpha in (0.1, 0.9))
     assert 0.7 < wobble_right / theory_right < 1.2 and 0.85 < wobble_reversed / theory_reversed < 1.15
+    assert wobble_right < theory_right   # the short window makes PyTorch's measured spread come out low
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -88,7 +90,7 @@ def test_bug3_zero_initial_running_variance_blows_up_early_evaluation(seed):
     std_right = classic_bugs.eval_std_during_training(bn_right, batches, x_eval)
     std_zero = classic_bugs.eval_std_during_training(bn_zero, batches, x_eval)
     assert len(std_right) == 51 and bn_right.training
-    assert abs(std_right[0] - 1) < 0.1 and std_zero[0] > 100 * std_right[0]
+    assert abs(std_right[0] - 1) < 0.1 and 300 < std_zero[0] / std_right[0] < 330   # about 1 / sqrt(eps)
     assert std_zero[5] > 1.3 * std_right[5] and std_zero[50] < 1.05 * std_right[50]
     assert float((bn_right.running_var - bn_zero.running_var - 0.9 ** 50).abs().max()) < 1e-12
 

@@ -83,6 +83,34 @@ def test_float64_is_exact_to_float64_rounding_and_matches_torch_fusion(seed):
         assert torch.allclose(folded(x), reference(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_trained_cnn_first_conv_folds_to_a_few_float32_units(seed):
+    """Notebook 08, folding a trained CNN's conv1 + norm1: within 4 units of float32 rounding."""
+    import bn_course
+    from bn_course.data import load_digits_split
+    from bn_course.models import cnn
+    from bn_course.train import train
+
+    torch.set_num_threads(1)
+    data = load_digits_split()
+    bn_course.seed_everything(seed)
+    model = cnn(channels=(16, 32), norm="batch")
+    train(model, data, 150, 0.1, batch_size=60, seed=seed, progress=False, eval_every=150)
+    model.eval()
+    conv, bn = model.conv1, model.norm1
+    images = data.x_test[:256].reshape(-1, 1, 8, 8)
+    with torch.no_grad():
+        a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        c = conv.bias if conv.bias is not None else torch.zeros_like(a)
+        by_hand = nn.functional.conv2d(images, conv.weight * a.reshape(-1, 1, 1, 1),
+                                       a * c + bn.bias - a * bn.running_mean, padding=conv.padding)
+        expected = bn(conv(images))
+        package = fold_batchnorm(conv, bn)(images)
+    unit = torch.finfo(torch.float32).eps * expected.abs().max().item()
+    assert (by_hand - expected).abs().max().item() < 4 * unit
+    assert (package - expected).abs().max().item() < 4 * unit
+
+
 def test_affine_false_and_course_batchnorm():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3).eval()

@@ -425,10 +425,11 @@ def test_conv_bn_relu_block_claims(seed):
         zero_fraction = (torch.relu(bn_out) == 0).double().mean((0, 2, 3))
         zero_fraction_without_bn = (torch.relu(conv_out) == 0).double().mean((0, 2, 3))
     assert float(before_mean.max() - before_mean.min()) > 0.05
+    assert float(before_var.max() / before_var.min()) ** 0.5 > 1.3           # spreads differ too
     assert float(after_mean.abs().max()) < 1e-10 and float((after_std - 1).abs().max()) < 1e-2
     assert float((after_std - torch.sqrt(before_var / (before_var + 1e-5))).abs().max()) < 1e-12
-    assert 0.2 < float(zero_fraction.min()) and float(zero_fraction.max()) < 0.8
-    assert float(zero_fraction_without_bn.max() - zero_fraction_without_bn.min()) > 0.7
+    assert 0.4 < float(zero_fraction.min()) and float(zero_fraction.max()) < 0.6
+    assert float(zero_fraction_without_bn.max()) > 0.75 and float(zero_fraction_without_bn.min()) < 0.25
     torch.testing.assert_close(bn.running_mean, 0.1 * before_mean)
 
 
