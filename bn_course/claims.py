@@ -181,7 +181,7 @@ CLAIMS = (
     Claim(
         id="small_batch_failure",
         statement="BN degrades with small batches (and cannot train with one value per channel); "
-                  "GroupNorm or LayerNorm do not depend on the batch size.",
+                  "GroupNorm and LayerNorm lose far less (their computation does not use the batch).",
         kind="limitation",
         notebook="09_beyond_batchnorm",
         section="Batch size: BN against LayerNorm and GroupNorm",

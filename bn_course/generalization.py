@@ -240,8 +240,9 @@ def label_noise_experiment(seed=0, fraction=0.4, steps=1000, lr=0.1, hidden=(128
     Returns a dict: ``history`` and ``tracker`` (:class:`ValidationTracker`), both evaluated every ``every`` steps,
     ``train_accuracy`` (final, on the noisy training labels), ``memorized`` (fraction of the
     flipped training examples predicted as their *wrong* label at the end),
-    ``final_test_accuracy``, ``best_test_accuracy``, ``early_stop_step`` and
-    ``early_stop_test_accuracy`` (test accuracy at the step with the best validation accuracy).
+    ``final_test_accuracy``, ``best_test_accuracy``, ``early_stop_step``,
+    ``early_stop_test_accuracy`` (test accuracy at the step with the best validation accuracy) and
+    ``val_wrong`` (fraction of the held-out validation labels that are wrong).
     """
     data = load_digits_split(device=device)
     y_noisy, flipped = noisy_labels(data.y_train, fraction, seed=seed)
@@ -252,8 +253,8 @@ def label_noise_experiment(seed=0, fraction=0.4, steps=1000, lr=0.1, hidden=(128
     tracker = ValidationTracker(model, x_val, y_val, every=every, x_test=data.x_test, y_test=data.y_test)
     history = train(model, part, steps, lr, seed=seed, device=device, progress=progress,
                     callback=tracker, eval_every=every)
-    _, keep = holdout_rows(int(data.x_train.shape[0]), n_val, seed)
-    keep = keep.to(flipped.device)
+    val, keep = holdout_rows(int(data.x_train.shape[0]), n_val, seed)
+    val, keep = val.to(flipped.device), keep.to(flipped.device)
     wrong = keep[flipped[keep]]  # training rows (not held out) whose label was flipped
     with torch.no_grad():
         model.eval()
@@ -264,4 +265,4 @@ def label_noise_experiment(seed=0, fraction=0.4, steps=1000, lr=0.1, hidden=(128
     return {"history": history, "tracker": tracker, "train_accuracy": history.train_accuracy[-1],
             "memorized": memorized, "final_test_accuracy": tracker.test_accuracy[-1],
             "best_test_accuracy": max(tracker.test_accuracy), "early_stop_step": tracker.best_step,
-            "early_stop_test_accuracy": tracker.test_accuracy[i]}
+            "early_stop_test_accuracy": tracker.test_accuracy[i], "val_wrong": flipped[val].float().mean().item()}

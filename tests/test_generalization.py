@@ -125,11 +125,15 @@ def test_bn_still_overfits_a_small_subset_for_other_seeds(seed):
 def test_dropout_variance_shift_for_other_seeds(seed):
     """Notebook 07's conclusions (500 steps): the shift is there, correcting it changes little."""
     runs = {w: dropout_experiment(w, seed=seed, steps=500) for w in ("none", "before_bn", "after_bn")}
-    assert min(runs["before_bn"]["ratios"][1:]) > 1.15, runs["before_bn"]["ratios"]
-    for w in ("none", "after_bn"):
-        assert max(abs(r - 1) for r in runs[w]["ratios"]) < 0.12, (w, runs[w]["ratios"])
+    assert 1.15 < min(runs["before_bn"]["ratios"][1:]) and max(runs["before_bn"]["ratios"][1:]) < 2, \
+        runs["before_bn"]["ratios"]
+    # every BN layer that never sees dropped-out units stores the variance to within 5%
+    never_dropped = runs["none"]["ratios"] + runs["after_bn"]["ratios"] + runs["before_bn"]["ratios"][:1]
+    assert max(abs(r - 1) for r in never_dropped) < 0.05, never_dropped
     for w, r in runs.items():
         assert abs(r["accuracy_recalibrated"] - r["accuracy"]) <= 0.02, (w, r["accuracy"], r["accuracy_recalibrated"])
+    accuracies = [r["accuracy"] for r in runs.values()]
+    assert max(accuracies) - min(accuracies) <= 0.03, "the three placements end within 3 points of each other"
 
 
 @pytest.mark.parametrize("seed", [3, 4])
@@ -139,6 +143,7 @@ def test_label_noise_is_memorized_and_early_stopping_helps_for_other_seeds(seed)
     assert r["final_test_accuracy"] < r["best_test_accuracy"] - 0.15
     assert r["early_stop_test_accuracy"] > r["final_test_accuracy"] + 0.15
     assert r["early_stop_test_accuracy"] > r["best_test_accuracy"] - 0.05
+    assert 0.3 < r["val_wrong"] < 0.45, "the validation labels are noisy too"
 
 
 def test_numpy_and_tensor_scalars_are_numbers():

@@ -329,7 +329,7 @@ def test_layer_norm_of_one_value_is_rejected_like_group_norm():
 # --- the experiments of notebook 09, other seeds ------------------------------------------------
 
 from bn_course.data import load_digits_split  # noqa: E402
-from bn_course.norms import batch_size_sweep, cnn_small_batch, hard_batches, replace_batchnorm  # noqa: E402
+from bn_course.norms import batch_size_sweep, cnn_small_batch, hard_batches, replace_batchnorm, train_mlp  # noqa: E402
 
 SEEDS = [1, 2, 3]
 
@@ -348,15 +348,18 @@ def test_replace_batchnorm():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_batch_size_sweep_bn_collapses_at_batch_2(data, seed):
-    rows = batch_size_sweep(data, seeds=(seed,), batch_sizes=(2, 16, 128), progress=False)
+    rows = batch_size_sweep(data, seeds=(seed,), batch_sizes=(2, 16, 32, 64, 128), progress=False)
     acc = {(r["norm"], r["batch_size"]): r["final_accuracy"] for r in rows}
     assert acc[("batch", 2)] < 0.7
     assert acc[("batch", 2)] < acc[("layer", 2)] - 0.25 and acc[("batch", 2)] < acc[("group", 2)] - 0.25
     assert min(acc[("layer", 2)], acc[("group", 2)]) > 0.8
-    for b in (16, 128):
+    for b in (16, 32, 64, 128):  # from batch 16 up, the three within 3 points
         assert abs(acc[("batch", b)] - acc[("layer", b)]) < 0.03 and abs(acc[("group", b)] - acc[("layer", b)]) < 0.03
     best_large = max(acc[(n, 128)] for n in ("batch", "group", "layer"))
-    assert min(acc[("batch", b)] for b in (16, 128)) > best_large - 0.03
+    assert min(acc[("batch", b)] for b in (16, 32, 64, 128)) > best_large - 0.03
+    # from batch 128 to batch 2, LayerNorm and GroupNorm lose less than half of what BN loses
+    loss = {n: acc[(n, 128)] - acc[(n, 2)] for n in ("batch", "group", "layer")}
+    assert max(loss["layer"], loss["group"]) < 0.5 * loss["batch"], loss
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -365,17 +368,29 @@ def test_cnn_hides_small_batches(data, seed):
     mlp_bn = batch_size_sweep(data, seeds=(seed,), batch_sizes=(2,), norms=("batch",), progress=False)[0]
     assert run["values_per_channel"] == [128, 32]
     assert run["accuracy"] > 0.75 and run["accuracy"] > mlp_bn["final_accuracy"] + 0.15
+    # ... but does not remove it: batch 2 costs the CNN more than 5 points against batch 128
+    large = cnn_small_batch(data, seed, batch_size=128)
+    assert run["accuracy"] < large["accuracy"] - 0.05, (run["accuracy"], large["accuracy"])
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_hard_batches(data, seed):
-    hard = hard_batches(data, seed)
+    hard = hard_batches(data, seed, norms=("batch", "renorm", "group", "layer"))
     assert hard[("renorm", "batch 2")] > hard[("batch", "batch 2")] + 0.08
     assert hard[("renorm", "one class")] > hard[("batch", "one class")] + 0.15
     for c in ("batch 2", "one class"):
         assert hard[("group", c)] > hard[("renorm", c)] + 0.05
     assert hard[("group", "one class")] > 0.9
-    assert min(hard[(n, "batch 4")] for n in ("batch", "renorm", "group")) > 0.85
+    assert hard[("layer", "one class")] > max(0.9, hard[("batch", "one class")] + 0.5, hard[("renorm", "one class")] + 0.05)
+    assert min(hard[(n, "batch 4")] for n in ("batch", "renorm", "group", "layer")) > 0.85
+    assert abs(hard[("renorm", "batch 4")] - hard[("group", "batch 4")]) < 0.05
+
+
+def test_renorm_and_group_norm_trade_places_at_batch_4(data):
+    """Notebook 09: at batch 4, which of Batch Renorm and GroupNorm is ahead changes with the seed."""
+    ahead = {seed: train_mlp(data, "renorm", 4, seed).final_accuracy > train_mlp(data, "group", 4, seed).final_accuracy
+             for seed in SEEDS}
+    assert len(set(ahead.values())) == 2, ahead
 
 
 def test_hard_batches_reuses_known_runs(data):
