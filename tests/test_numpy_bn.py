@@ -119,6 +119,20 @@ def test_relative_error():
     assert nb.relative_error([0.0], [0.0]) == 0.0
     assert nb.relative_error([1.0], [-1.0]) == pytest.approx(1.0)
     assert nb.relative_error([1.0], [1.0 + 1e-6]) == pytest.approx(5e-7, rel=1e-3)
+    for seed in range(5):  # notebook 03: about 1/sqrt(2) for independent arrays, whatever their overall size
+        rng = np.random.default_rng(seed)
+        a, b = rng.standard_normal(10_000), rng.standard_normal(10_000)
+        assert abs(nb.relative_error(a, b) - 2 ** -0.5) < 0.03
+        assert nb.relative_error(1000 * a, 1000 * b) == pytest.approx(nb.relative_error(a, b))
+
+
+def test_output_variance_is_slightly_below_one():
+    # notebook 03: with eps, each channel's output variance is sigma^2 / (sigma^2 + eps) < 1
+    for seed in range(5):
+        x = np.random.default_rng(seed).normal(loc=[5.0, -2.0, 0.0], scale=[3.0, 0.5, 10.0], size=(16, 3))
+        out, _ = nb.batchnorm_forward(x, np.ones(3), np.zeros(3), eps=1e-5)
+        assert np.all(out.var(axis=0) < 1)
+        np.testing.assert_allclose(out.var(axis=0), x.var(axis=0) / (x.var(axis=0) + 1e-5), rtol=1e-10)
 
 
 @pytest.mark.parametrize("momentum", [0.1, 0.3, 1.0])
