@@ -20,7 +20,7 @@ is free here, and saves a pass.
 
 import torch
 
-from bn_course._validate import check_enough_values
+from bn_course._validate import check_enough_values, check_eps
 from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
 
 # torch.compile specializes on shape, dtype and layout; allow more variants than its default of 8
@@ -123,6 +123,7 @@ def fused_batchnorm(x, gamma, beta, eps=1e-5, use_compile=True):
     check_input(x, "x")
     check_params(x, gamma, beta)
     check_enough_values(tuple(x.shape), "x")
+    check_eps(eps)
     return FusedBatchNormFunction.apply(x, gamma, beta, eps, use_compile)
 
 

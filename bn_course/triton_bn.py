@@ -41,7 +41,7 @@ except ImportError as err:  # pragma: no cover - depends on the platform
         "through torch.compile."
     ) from err
 
-from bn_course._validate import check_enough_values
+from bn_course._validate import check_enough_values, check_eps
 from bn_course.torch_bn import BatchNorm, check_input, check_params
 
 # The kernels use only Triton's built-in operations (tl.full, tl.reduce, ...), not its library functions
@@ -288,6 +288,7 @@ def triton_batchnorm(x, gamma, beta, eps=1e-5):
     x: (N, C, *spatial) contiguous, float32 or float64, on a CUDA GPU or the CPU (interpreted: slow).
     """
     check_triton_input(x, gamma, beta)
+    check_eps(eps)
     return TritonBatchNormFunction.apply(x, gamma, beta, eps)
 
 

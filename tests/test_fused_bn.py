@@ -83,3 +83,7 @@ def test_the_function_checks_its_input_too():
         fused_bn.fused_batchnorm(x, torch.ones(5), torch.zeros(3), use_compile=False)
     with pytest.raises(TypeError, match="floating-point"):
         fused_bn.fused_batchnorm(x.long(), None, None, use_compile=False)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        fused_bn.fused_batchnorm(x, None, None, eps=0.0, use_compile=False)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        fused_bn.FusedBatchNorm(3, eps=-1e-5)

@@ -90,6 +90,10 @@ def test_the_function_checks_its_input_too():
         triton_bn.triton_batchnorm(x, torch.ones(3, device="meta"), None)
     with pytest.raises(ValueError, match="read x as contiguous"):
         triton_bn.triton_batchnorm(x.transpose(0, 2), None, None)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        triton_bn.triton_batchnorm(x, None, None, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        triton_bn.TritonBatchNorm(3, eps=-1e-5)
 
 
 @needs_gpu
