@@ -355,6 +355,8 @@ def test_batch_size_sweep_bn_collapses_at_batch_2(data, seed):
     assert min(acc[("layer", 2)], acc[("group", 2)]) > 0.8
     for b in (16, 32, 64, 128):  # from batch 16 up, the three within 3 points
         assert abs(acc[("batch", b)] - acc[("layer", b)]) < 0.03 and abs(acc[("group", b)] - acc[("layer", b)]) < 0.03
+        at_b = [acc[(n, b)] for n in ("batch", "group", "layer")]
+        assert max(at_b) - min(at_b) < 0.03  # all three within 3 points of each other, as notebook 09 checks
     best_large = max(acc[(n, 128)] for n in ("batch", "group", "layer"))
     assert min(acc[("batch", b)] for b in (16, 32, 64, 128)) > best_large - 0.03
     # from batch 128 to batch 2, LayerNorm and GroupNorm lose less than half of what BN loses
