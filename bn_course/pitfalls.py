@@ -67,6 +67,7 @@ def precise_bn_stats(model, x, batch_size=512):
         check_running_stats(bn, "precise_bn_stats")
     was_training = model.training
     model.eval()
+    saved = {bn: (bn.running_mean.clone(), bn.running_var.clone()) for bn in batchnorm_layers(model)}
     for bn in batchnorm_layers(model):
         total, total_sq, count = 0.0, 0.0, 0
         captured = {}
@@ -79,7 +80,10 @@ def precise_bn_stats(model, x, batch_size=512):
             total_sq = total_sq + (z * z).sum(dim=dims)
             count += z.numel() // z.shape[1]
         hook.remove()
-        if count < 2:
+        if count < 2:  # put back what earlier layers had, so that a refused call changes nothing
+            for layer, (mean0, var0) in saved.items():
+                layer.running_mean.copy_(mean0)
+                layer.running_var.copy_(var0)
             model.train(was_training)
             raise ValueError(
                 f"precise_bn_stats: {type(bn).__name__}({bn.num_features}) sees {count} value per channel "

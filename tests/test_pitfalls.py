@@ -70,6 +70,17 @@ def test_precise_bn_stats_rejects_bad_input_clearly():
     assert torch.isfinite(conv[1].running_var).all()
 
 
+def test_a_refused_precise_bn_stats_changes_no_layer():
+    """One image: 16 values per channel for the conv's BN (enough), 1 for the BN after the linear layer (not):
+    the error leaves the first BN as it was, not half recalibrated."""
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 2), nn.BatchNorm1d(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="BatchNorm1d.*1 value per channel"):
+        precise_bn_stats(model, torch.randn(1, 1, 6, 6))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_precise_bn_stats_without_running_stats_changes_nothing():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3),
                           nn.Linear(3, 2), nn.BatchNorm1d(2, track_running_stats=False))
