@@ -141,16 +141,7 @@ class FusedBatchNorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.compile = compile
 
-    def forward(self, x):
-        if not self.training and self.track_running_stats:
-            return super().forward(x)  # one affine map per channel: nothing to fuse
-        self._check(x)
-        check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
-        in_dtype, p = x.dtype, self._param_dtype()
-        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32, as BatchNorm
-            x = x.to(p)
-        out, mu, var = fused_batchnorm(x, self.weight, self.bias, self.eps, self.compile)
-        if self.training and self.track_running_stats:
-            m = x.numel() // x.shape[1]
-            self.update_running_averages(mu, var * m / (m - 1))  # the unbiased variance
-        return out.to(in_dtype)
+    def _normalize_batch(self, x):
+        """BatchNorm's training step through the fused functions (evaluation mode stays BatchNorm's
+        one affine map per channel: nothing to fuse)."""
+        return fused_batchnorm(x, self.weight, self.bias, self.eps, self.compile)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from bn_course._validate import check_channels, check_enough_values, check_eps, check_rank
+from bn_course._validate import check_channels, check_enough_values, check_eps, check_rank, values_per_channel
 
 # Input dtypes that PyTorch normalizes with float32 parameters and statistics (mixed precision).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -287,6 +287,13 @@ class BatchNorm(nn.Module):
             b = b + self.bias
         return torch.addcmul(per_channel(b, x.dim()), x, per_channel(a, x.dim()))
 
+    def _normalize_batch(self, x):
+        """x: (N, C, *spatial), checked -> out (shape of x), mu (C,), var (C,) biased: the batch's own
+        statistics. The one step that fused_bn and triton_bn replace with their kernels."""
+        stats = {}
+        out = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
+        return out, stats["mu"], stats["var"]
+
     def forward(self, x):
         """x: (N, C, *spatial) -> out: shape of x. Training mode: batch statistics (and the
         running averages updated); evaluation mode: the running statistics."""
@@ -297,11 +304,10 @@ class BatchNorm(nn.Module):
             x = x.to(p)
         if self.training or not self.track_running_stats:
             check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
-            stats = {}
-            out = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
+            out, mu, var = self._normalize_batch(x)
             if self.training and self.track_running_stats:
-                # the running variance is the unbiased estimate: var * m / (m - 1)
-                self.update_running_averages(stats["mu"], stats["var"] * stats["m"] / (stats["m"] - 1))
+                m = values_per_channel(tuple(x.shape))
+                self.update_running_averages(mu, var * m / (m - 1))  # the running variance is unbiased
         else:
             out = self._eval_forward(x)
         return out.to(in_dtype)

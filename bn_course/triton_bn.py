@@ -300,19 +300,10 @@ class TritonBatchNorm(BatchNorm):
     affine map per channel.
     """
 
-    def forward(self, x):
-        if not self.training and self.track_running_stats:
-            return super().forward(x)
-        self._check(x)  # rank, channels, dtype: the module's checks, which cover gamma and beta too
-        check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
-        in_dtype, p = x.dtype, self._param_dtype()
-        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32, as BatchNorm
-            x = x.to(p)
-        elif p is None and in_dtype not in (torch.float32, torch.float64):
+    def _normalize_batch(self, x):
+        """BatchNorm's training step through the Triton kernels; ``BatchNorm.forward`` has already checked
+        x and converted float16/bfloat16 input to the parameters' dtype."""
+        if x.dtype not in (torch.float32, torch.float64):  # no parameters to take the dtype from
             x = x.float()
         check_layout(x)
-        out, mean, var = TritonBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
-        if self.training and self.track_running_stats:
-            m = x.numel() // x.shape[1]
-            self.update_running_averages(mean, var * m / (m - 1))  # the unbiased variance
-        return out.to(in_dtype)
+        return TritonBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
