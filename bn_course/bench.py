@@ -20,7 +20,7 @@ Implementations: ``numpy`` (bn_course.numpy_bn, CPU only), ``from-scratch``
 contiguous layout only, since on a CPU they run in Triton's interpreter, which checks
 them but is far too slow to time).
 Also measured: issue 2's speed targets (NumPy staged vs compact backward; the
-from-scratch module vs nn.BatchNorm2d) and the compiled module vs nn.BatchNorm2d.
+from-scratch module vs nn.BatchNorm2d) and the compiled and Triton modules vs nn.BatchNorm2d.
 """
 
 import argparse

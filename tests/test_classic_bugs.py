@@ -77,7 +77,17 @@ def test_bug2_reversed_momentum_makes_the_running_mean_follow_the_last_batch(see
     assert wobble_reversed > 2.5 * wobble_right
     theory_right, theory_reversed = (0.5 * (alpha / (2 - alpha)) ** 0.5 for alpha in (0.1, 0.9))
     assert 0.7 < wobble_right / theory_right < 1.2 and 0.85 < wobble_reversed / theory_reversed < 1.15
-    assert wobble_right < theory_right   # the short window makes PyTorch's measured spread come out low
+
+
+def test_bug2_the_short_window_reads_low_on_average():
+    """Notebook 04: PyTorch's rule's measured spread *tends* to come out low (a single seed can read high:
+    3% of seeds 0-199 do), so the claim is checked on the mean over the seeds."""
+    ratios = []
+    for seed in SEEDS:
+        batches = classic_bugs.make_batches(steps=200, batch_size=16, C=16, mean=3.0, var=4.0, seed=seed)
+        mean_right, _ = classic_bugs.track_running_stats(update_running, batches, momentum=0.1)
+        ratios.append(float(mean_right[100:].std(dim=0).mean()) / (0.5 * (0.1 / 1.9) ** 0.5))
+    assert sum(ratios) / len(ratios) < 1, ratios
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -151,12 +151,11 @@ def test_depth_profiles_at_initialization(seed):
         bn = depth_profile(depth, "batch", seed)
         assert default["activation_ratio"] < 0.3 and default["gradient_growth"] < 1e-2
         assert 0.8 < bn["activation_ratio"] < 1.25 and bn["gradient_growth"] > 2
-        assert 0.3 < he["gradient_growth"] < 3 and 0.1 < he["activation_ratio"] < 3
     assert bn["gradient_growth"] > 50 and default["gradient_growth"] < 1e-6  # depth 32
     growth = [depth_profile(d, "batch", seed)["gradient_growth"] for d in (2, 4, 8, 16)]
     assert all(a < b for a, b in zip(growth, growth[1:])) and growth[2] < 10
     assert min(growth) > 0.3  # with BN no vanishing (the notebook's verdict: contested, not refuted)
-    for depth in (2, 4, 16):
+    for depth in (2, 4, 8, 16, 32):  # He init keeps both passes roughly stable at every depth
         he = depth_profile(depth, "none", seed, init_scale=math.sqrt(2))
         assert 0.3 < he["gradient_growth"] < 3 and 0.1 < he["activation_ratio"] < 3
 

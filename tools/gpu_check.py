@@ -55,7 +55,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--combine"]:  # needs no GPU an
     sys.exit(0)
 
 OUT = Path(os.environ.get("OUT", "gpu_out"))
-# GPU_CHECK_DRY=1: a rehearsal on the CPU at tiny sizes (with TRITON_INTERPRET=1), to catch the script's own bugs.
+# GPU_CHECK_DRY=1: a rehearsal on the CPU at tiny sizes (Triton kernels in its interpreter), to catch the script's own bugs.
 DRY = os.environ.get("GPU_CHECK_DRY") == "1"
 SHAPE = (4, 8, 6, 6) if DRY else bench.GPU_TARGET_SHAPE
 SIZES = ((2, 8, 6, 6), SHAPE) if DRY else bench.GPU_SIZES
