@@ -54,8 +54,23 @@ def check_channels(shape, num_features, name, where="input"):
 
 def check_eps(eps, where="eps"):
     """eps must be a positive number: it keeps sqrt(var + eps) away from 0 for a constant channel."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    if real_number(eps) is None or not real_number(eps) > 0:
         raise ValueError(
             f"{where} must be a positive number, got {eps!r}. It keeps sqrt(var + eps) above 0 when a "
             "channel's values are all equal (var = 0); PyTorch's default is 1e-5."
         )
+
+
+def real_number(value):
+    """``value`` as a Python float if it is a real number, else None.
+
+    Accepts what a learner may pass as a number: int, float, NumPy scalars (``np.float32(0.1)``)
+    and 0-dim tensors (``torch.tensor(2.0)``). Rejects bools, strings, lists and larger tensors.
+    """
+    if isinstance(value, bool):
+        return None
+    if hasattr(value, "dim") and hasattr(value, "is_complex"):  # a torch.Tensor (without importing torch here)
+        return float(value) if value.dim() == 0 and not value.is_complex() else None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
+N_CLASSES = 10  # the digits: the read-out's outputs
 
 # A unit is "saturated" where the slope of its activation is below this fraction of the
 # activation's largest slope: almost no gradient flows back through it.
@@ -77,7 +78,7 @@ def init_weights(depth, width, in_features, init_scale, seed=0, device=None):
     for _ in range(depth):
         weights.append(torch.randn(fan_in, width, generator=g) * init_scale / math.sqrt(fan_in))
         fan_in = width
-    w_out = torch.randn(width, 10, generator=g) / math.sqrt(width)
+    w_out = torch.randn(width, N_CLASSES, generator=g) / math.sqrt(width)
     return [w.to(device) for w in weights], w_out.to(device)
 
 
@@ -121,7 +122,7 @@ def weight_grad_rms(x, y, weights, w_out, activation):
     return np.array([float(gw.pow(2).mean().sqrt()) for gw in grads])
 
 
-def _check_data(x, y, n_classes=10):
+def _check_data(x, y, n_classes=N_CLASSES):
     """x: (N, in_features) float tensor; y: (N,) int64 labels in 0..n_classes-1 (the read-out's outputs)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a float tensor of shape (N, in_features), got "

@@ -33,7 +33,6 @@ from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES, named_weight_layers
 from bn_course.train import real_number, train
 
-WEIGHT_LAYER_TYPES = WEIGHT_TYPES  # one definition, in bn_course.recording
 
 
 def _check_model_input(model, x):
@@ -51,7 +50,7 @@ def _check_model_input(model, x):
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}. "
                         "Convert it first, e.g. x.float().")
-    first = next((m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES)), None)
+    first = next((m for m in model.modules() if isinstance(m, WEIGHT_TYPES)), None)
     if first is not None and first.weight.dtype != x.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the model's weights have dtype {first.weight.dtype}; "
                         f"convert one so that they match, e.g. x.to({first.weight.dtype}).")
@@ -69,7 +68,7 @@ def _check_labels(model, y):
     if y.dtype != torch.int64 or y.dim() != 1:
         raise TypeError(f"y must be a 1-D int64 tensor of class labels (what F.cross_entropy expects), "
                         f"got dtype {y.dtype} and shape {tuple(y.shape)}. Convert it first, e.g. y.long().")
-    last = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES)][-1:]
+    last = [m for m in model.modules() if isinstance(m, WEIGHT_TYPES)][-1:]
     n_classes = last[0].out_features if last and isinstance(last[0], nn.Linear) else None
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"labels must be >= 0, got a label {int(y.min())}.")
@@ -84,8 +83,6 @@ def _check_model_and_batch(model, x, y, labels=True):
     labels: True when the loss is the cross-entropy, so y must hold class labels
     (:func:`_check_labels`); False for another ``loss_fn``, whose targets may be anything.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"x and y must be torch tensors, got {type(x).__name__} and {type(y).__name__}.")
     _check_model_input(model, x)

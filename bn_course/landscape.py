@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from bn_course import seed_everything
-from bn_course.covariate_shift import WEIGHT_LAYER_TYPES, _check_model_and_batch, _digits
+from bn_course.covariate_shift import _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
+from bn_course.recording import WEIGHT_TYPES
 from bn_course.train import real_number, train
 
 
@@ -108,7 +109,7 @@ def weights_feeding_batchnorm(model):
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     found = []
     for (name, m), (_, nxt) in zip(leaves, leaves[1:]):
-        if isinstance(m, WEIGHT_LAYER_TYPES) and _is_batchnorm(nxt):
+        if isinstance(m, WEIGHT_TYPES) and _is_batchnorm(nxt):
             found.append((name, m))
     return found
 

@@ -391,7 +391,7 @@ class GhostBatchNorm(BatchNorm):
             last = N % g
             smallest = f"the last ghost batch holds N % ghost_batch_size = {N} % {g} = {last} sample"
         else:
-            last = min(g, N)
+            last = g
             smallest = f"each ghost batch holds ghost_batch_size = {g} sample"
         m = last * int(math.prod(x.shape[2:]))
         if N > 0 and m <= 1:

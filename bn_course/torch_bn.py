@@ -181,8 +181,9 @@ class BatchNorm(nn.Module):
     no ``torch.func`` transforms); ``eps`` must be positive; an empty batch is an error; and
     in float32 the batch mean is accumulated in float32, so for data far from 0 compared
     with its spread (mean 1e4, spread 1: float32 values there are 1e-3 apart) the output
-    is up to tens of times less accurate than PyTorch's CPU kernel, which accumulates in
-    float64 (about 1e-3 against 1e-4). Notebook 03 shows the same effect in NumPy.
+    can be several times less accurate than PyTorch's CPU kernel, which accumulates in
+    float64 (measured: from about as accurate to about 50 times less, depending on the shape
+    and the data). Notebook 03 shows the same effect in NumPy.
     """
 
     _version = 2  # nn.BatchNorm's state_dict version (it has num_batches_tracked)

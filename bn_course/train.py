@@ -30,7 +30,6 @@ eval_train=True) -> History``
 """
 
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bn_course._validate import real_number
 from bn_course.data import batches
 
 OPTIMIZERS = ("sgd", "adam")
@@ -125,21 +125,6 @@ def make_optimizer(model, optimizer, lr, momentum=0.0, weight_decay=0.0):
     if momentum:
         raise ValueError("momentum applies to optimizer='sgd'; Adam has its own betas. Use momentum=0.0.")
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-
-
-def real_number(value):
-    """``value`` as a Python float if it is a real number, else None.
-
-    Accepts what a learner may pass as a number: int, float, NumPy scalars (``np.float32(0.1)``)
-    and 0-dim tensors (``torch.tensor(2.0)``). Rejects bools, strings, lists and larger tensors.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, torch.Tensor):
-        return float(value) if value.dim() == 0 and not value.is_complex() else None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    return None
 
 
 def _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor):
