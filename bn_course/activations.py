@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bn_course.data import check_class_labels
+
 ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
 N_CLASSES = 10  # the digits: the read-out's outputs
 
@@ -128,15 +130,7 @@ def _check_data(x, y, n_classes=N_CLASSES):
         raise ValueError(f"x must be a float tensor of shape (N, in_features), got "
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} of dtype "
                          f"{getattr(x, 'dtype', None)}. Convert integer data first, e.g. x.float().")
-    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (x.shape[0],):
-        raise ValueError(f"y must be a tensor of {x.shape[0]} class labels (one per row of x), "
-                         f"got {tuple(getattr(y, 'shape', ()))}.")
-    if y.dtype != torch.int64:
-        raise ValueError(f"y must hold int64 class labels (what F.cross_entropy expects), got dtype {y.dtype}. "
-                         "Convert it first, e.g. y.long().")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(f"labels must lie in 0..{n_classes - 1} (the read-out has {n_classes} outputs), "
-                         f"got values from {int(y.min())} to {int(y.max())}.")
+    check_class_labels(y, n_classes, n=x.shape[0], outputs="the read-out")
 
 
 def init_statistics(x, y, depth, width=256, init_scale=1.0, activation="tanh", seed=0,

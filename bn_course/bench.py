@@ -90,10 +90,11 @@ def median_time(fn, repeats=10, warmup=2, device=torch.device("cpu")):
     return statistics.median(times)
 
 
-def paired_ratio(fn_a, fn_b, repeats=10, warmup=2, device=torch.device("cpu")):
-    """Median over ``repeats`` of time(fn_a) / time(fn_b), the two run alternately.
+def alternate_times(fn_a, fn_b, repeats=10, warmup=2, device=torch.device("cpu")):
+    """Time ``fn_a()`` and ``fn_b()`` back to back, ``repeats`` times, the one that goes first
+    alternating. Returns ``(times_a, times_b)``, two lists of ``repeats`` seconds.
 
-    Runs back to back see the same load from other programs, so the ratio of a pair is
+    The two runs of a pair see the same load from other programs, so the ratio of a pair is
     steadier than the ratio of two medians measured at different moments.
     """
     if repeats < 1:
@@ -102,17 +103,22 @@ def paired_ratio(fn_a, fn_b, repeats=10, warmup=2, device=torch.device("cpu")):
     for _ in range(warmup):
         fn_a()
         fn_b()
-    ratios = []
-    for _ in range(repeats):
-        seconds = []
-        for fn in (fn_a, fn_b):
+    times_a, times_b = [], []
+    for i in range(repeats):
+        order = ((fn_a, times_a), (fn_b, times_b)) if i % 2 == 0 else ((fn_b, times_b), (fn_a, times_a))
+        for fn, into in order:
             _sync(device)
             start = clock()
             fn()
             _sync(device)
-            seconds.append(clock() - start)
-        ratios.append(seconds[0] / seconds[1])
-    return statistics.median(ratios)
+            into.append(clock() - start)
+    return times_a, times_b
+
+
+def paired_ratio(fn_a, fn_b, repeats=10, warmup=2, device=torch.device("cpu")):
+    """Median over ``repeats`` pairs of time(fn_a) / time(fn_b), timed by :func:`alternate_times`."""
+    times_a, times_b = alternate_times(fn_a, fn_b, repeats, warmup, device)
+    return statistics.median(a / b for a, b in zip(times_a, times_b))
 
 
 def tensor_bytes(shape, dtype=torch.float32):
@@ -236,20 +242,11 @@ def bandwidth_table(shapes, impls=IMPLEMENTATIONS, layouts=LAYOUTS, directions=t
 
 
 def numpy_backward_speed(shape=TARGET_SHAPE, repeats=10):
-    """Issue 2: seconds of the staged and the compact NumPy backward pass, and their ratio."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    dout = rng.standard_normal(shape, dtype=np.float32)
-    C = shape[1]
-    _, cache = numpy_bn.batchnorm_forward(x, np.ones(C, np.float32), np.zeros(C, np.float32))
-    def staged():
-        return numpy_bn.batchnorm_backward_staged(dout, cache)
-
-    def compact():
-        return numpy_bn.batchnorm_backward(dout, cache)
-
-    return {"shape": list(shape), "staged_s": median_time(staged, repeats), "compact_s": median_time(compact, repeats),
-            "staged_over_compact": paired_ratio(staged, compact, repeats)}
+    """Issue 2: seconds of the staged and the compact NumPy backward pass, and their paired ratio
+    (``numpy_bn.time_backward``, which notebook 03 runs)."""
+    times = numpy_bn.time_backward(shape=shape, repeats=repeats, seed=0)
+    return {"shape": list(shape), "staged_s": times["staged"], "compact_s": times["compact"],
+            "staged_over_compact": times["ratio"]}
 
 
 def module_vs_native(impl, shape=TARGET_SHAPE, repeats=10, layout="contiguous", device=torch.device("cpu")):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_course import seed_everything
-from bn_course.data import load_digits_split
+from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES, named_weight_layers
@@ -65,16 +65,9 @@ def _check_model_input(model, x):
 
 def _check_labels(model, y):
     """y must be (N,) int64 class labels in 0..C-1, C the out_features of the model's last Linear layer."""
-    if y.dtype != torch.int64 or y.dim() != 1:
-        raise TypeError(f"y must be a 1-D int64 tensor of class labels (what F.cross_entropy expects), "
-                        f"got dtype {y.dtype} and shape {tuple(y.shape)}. Convert it first, e.g. y.long().")
     last = [m for m in model.modules() if isinstance(m, WEIGHT_TYPES)][-1:]
     n_classes = last[0].out_features if last and isinstance(last[0], nn.Linear) else None
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"labels must be >= 0, got a label {int(y.min())}.")
-    if n_classes is not None and y.numel() and int(y.max()) >= n_classes:
-        raise ValueError(f"labels must lie in 0..{n_classes - 1} (the model has {n_classes} outputs), "
-                         f"got a label {int(y.max())}.")
+    check_class_labels(y, n_classes, outputs="the model")
 
 
 def _check_model_and_batch(model, x, y, labels=True):

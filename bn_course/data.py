@@ -118,6 +118,28 @@ def as_images(x):
     return x.reshape(-1, *IMAGE_SHAPE)
 
 
+def check_class_labels(y, n_classes=None, n=None, outputs=None):
+    """y must be class labels, as F.cross_entropy expects: a 1-D int64 tensor with values in
+    0..n_classes-1 (0 or more when ``n_classes`` is None) and, when ``n`` is given, n of them.
+
+    ``outputs`` names what has the n_classes outputs, for the message (e.g. "the model").
+    """
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
+        raise TypeError(f"y must be a 1-D int64 tensor of class labels (what F.cross_entropy expects), got "
+                        f"{type(y).__name__ if not isinstance(y, torch.Tensor) else 'dtype ' + str(y.dtype)} "
+                        f"of shape {tuple(getattr(y, 'shape', ()))}. Convert it first, e.g. y.long().")
+    if n is not None and y.shape[0] != n:
+        raise ValueError(f"y must hold {n} class labels (one per row of x), got {y.shape[0]}.")
+    if y.numel() == 0:
+        return
+    low, high = int(y.min()), int(y.max())
+    if n_classes is None and low < 0:
+        raise ValueError(f"labels must be >= 0, got values from {low} to {high}.")
+    if n_classes is not None and (low < 0 or high >= n_classes):
+        why = f"n_classes={n_classes}" if outputs is None else f"{outputs} has {n_classes} outputs"
+        raise ValueError(f"labels must lie in 0..{n_classes - 1} ({why}), got values from {low} to {high}.")
+
+
 def batches(x, y, batch_size, seed=0):
     """Endless minibatches (x[idx], y[idx]), reshuffled every epoch by a seeded generator.
 

@@ -24,7 +24,7 @@ import statistics
 import torch
 from torch import nn
 
-from bn_course.bench import clock_for
+from bn_course.bench import alternate_times
 from bn_course.torch_bn import BatchNorm
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -173,38 +173,19 @@ def _randomize_bn(model, generator):
                 m.bias.normal_(0, 0.2, generator=generator)
 
 
-def _time_once(model, x):
-    # The clock bn_course.bench times with: one CPU thread's CPU time, else wall time.
-    clock, _ = clock_for(x.device)
-    t0 = clock()
-    model(x)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return clock() - t0
-
-
 @torch.no_grad()
 def time_pair(model_a, model_b, x, repeats=30, warmup=3):
     """Time ``model_a(x)`` and ``model_b(x)`` in alternation, ``repeats`` times each.
 
-    Each repeat times the two back to back (in alternating order), so both see the same
+    Each repeat times the two back to back (``bench.alternate_times``), so both see the same
     load on a shared machine. Returns a dict with the median and the minimum time of each
     (``median_a``, ``median_b``, ``min_a``, ``min_b``, in seconds) and ``ratio``, the median of
     the per-repeat ratios time_a / time_b. The minimum is the time with the least interference.
     """
-    for _ in range(warmup):
-        model_a(x), model_b(x)
-    times_a, times_b, ratios = [], [], []
-    for i in range(repeats):
-        if i % 2 == 0:
-            ta, tb = _time_once(model_a, x), _time_once(model_b, x)
-        else:
-            tb, ta = _time_once(model_b, x), _time_once(model_a, x)
-        times_a.append(ta)
-        times_b.append(tb)
-        ratios.append(ta / tb)
+    times_a, times_b = alternate_times(lambda: model_a(x), lambda: model_b(x), repeats, warmup, x.device)
     return {"median_a": statistics.median(times_a), "median_b": statistics.median(times_b),
-            "min_a": min(times_a), "min_b": min(times_b), "ratio": statistics.median(ratios)}
+            "min_a": min(times_a), "min_b": min(times_b),
+            "ratio": statistics.median(a / b for a, b in zip(times_a, times_b))}
 
 
 def benchmark_folding(batch_sizes=(1, 64, 512), repeats=30, seed=0, device="cpu", threads=1):

@@ -26,7 +26,7 @@ from torch import nn
 
 from bn_course import seed_everything
 from bn_course.covariate_shift import _check_model_input
-from bn_course.data import load_digits_split
+from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.pitfalls import precise_bn_stats
@@ -41,16 +41,12 @@ def noisy_labels(y, fraction, n_classes=10, seed=0):
     y: (N,) int64 labels in 0..n_classes-1. Returns ``(y_noisy (N,), flipped (N,) bool)``;
     exactly ``round(fraction * N)`` labels are changed, chosen by a generator seeded with ``seed``.
     """
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
-        raise TypeError(f"y must be a 1-D int64 tensor of class labels, got "
-                        f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}.")
     if real_number(fraction) is None or not 0 <= real_number(fraction) <= 1:
         raise ValueError(f"fraction must be a number between 0 and 1, got {fraction!r}.")
     fraction = real_number(fraction)  # a Python float, also for np.float32(0.4)
     if not (isinstance(n_classes, int) and n_classes >= 2):
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got values from {int(y.min())} to {int(y.max())}.")
+    check_class_labels(y, n_classes)
     gen = torch.Generator().manual_seed(seed)
     n = y.numel()
     chosen = torch.randperm(n, generator=gen)[: round(fraction * n)]

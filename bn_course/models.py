@@ -29,6 +29,9 @@ Options shared by both:
 
 The module names (``linear1``, ``norm1``, ``act1``, ..., ``out``) are what
 ``bn_course.recording`` reports layers by.
+
+``NORM_COLORS`` maps each normalization variant the notebooks plot (the ``norm`` names
+above, plus ``"renorm"`` for Batch Renormalization) to its matplotlib colour.
 """
 
 import math
@@ -38,6 +41,8 @@ import torch
 from torch import nn
 
 NORMS = ("none", "batch", "layer", "group")
+# The course's one colour convention for plotting normalization variants (tab:orange: "without BN, He init").
+NORM_COLORS = {"none": "tab:red", "batch": "tab:blue", "layer": "tab:green", "group": "tab:purple", "renorm": "tab:brown"}
 POSITIONS = ("before", "after")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity}
 

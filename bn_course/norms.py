@@ -34,7 +34,7 @@ from bn_course._validate import check_enough_values as check_bn_values
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
-from bn_course.torch_bn import LOW_PRECISION, BatchNorm, BatchNormFunction, check_input, per_channel
+from bn_course.torch_bn import LOW_PRECISION, BatchNorm, BatchNormFunction, per_channel
 from bn_course.train import evaluate, train
 
 
@@ -292,25 +292,9 @@ class InstanceNorm(nn.Module):
         return instance_norm(x, self.weight, self.bias, self.eps)
 
 
-# --- shared by Batch Renormalization and Ghost BN ----------------------------------------------
-# Both subclass ``bn_course.torch_bn.BatchNorm`` for its parameters, buffers, state_dict keys and
-# evaluation mode, and use only its public pieces: ``check_input``, ``BatchNormFunction`` (which
-# hands back the batch statistics) and ``update_running_averages``.
-
-def check_bn_layer_input(layer, x, same_dtype=True):
-    """x must be a floating-point tensor (N, C, *spatial) with C = layer.num_features
-    (and, when ``same_dtype``, the dtype of the layer's running statistics, or float16/bfloat16
-    with float32 statistics: computed in float32, as ``BatchNorm`` does)."""
-    name = f"{type(layer).__name__}({layer.num_features})"
-    check_input(x, f"{name} input")
-    check_num_channels(x, layer.num_features, name)
-    p = layer.running_mean.dtype
-    if same_dtype and x.dtype != p and not (x.dtype in LOW_PRECISION and p == torch.float32):
-        raise TypeError(
-            f"{name} input has dtype {x.dtype} but the layer's parameters and buffers are "
-            f"{p}; convert one to match, e.g. x.to({p}) or layer.to({x.dtype})."
-        )
-
+# Batch Renormalization and Ghost BN subclass ``bn_course.torch_bn.BatchNorm`` for its parameters,
+# buffers, state_dict keys, input checks (``_check``) and evaluation mode, and use its public pieces:
+# ``BatchNormFunction`` (which hands back the batch statistics) and ``update_running_averages``.
 
 # --- Batch Renormalization -----------------------------------------------------------------
 
@@ -344,7 +328,7 @@ class BatchRenorm(BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        check_bn_layer_input(self, x)
+        self._check(x)
         check_bn_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
         in_dtype = x.dtype
         x = x.to(self.running_mean.dtype)  # float16/bfloat16 input: compute in float32, as BatchNorm
@@ -406,7 +390,7 @@ class GhostBatchNorm(BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        check_bn_layer_input(self, x, same_dtype=False)  # before splitting; BatchNorm checks the dtype
+        self._check(x)  # before splitting
         self.check_ghost_batches(x)
         return torch.cat([super(GhostBatchNorm, self).forward(chunk)
                           for chunk in torch.split(x, self.ghost_batch_size, dim=0)], dim=0)

@@ -308,7 +308,7 @@ class BatchNorm(nn.Module):
             out, mu, var = self._normalize_batch(x)
             if self.training and self.track_running_stats:
                 m = values_per_channel(tuple(x.shape))
-                self.update_running_averages(mu, var * m / (m - 1))  # the running variance is unbiased
+                self.update_running_averages(mu, var * (m / (m - 1)))  # unbiased (Bessel); one tensor op
         else:
             out = self._eval_forward(x)
         return out.to(in_dtype)

@@ -124,7 +124,7 @@ def test_bad_input_is_named(batch):
         init_statistics(x, y, depth=3, init_scale=-1.0)
     with pytest.raises(ValueError, match=r"x must be a float tensor of shape \(N, in_features\)"):
         init_statistics(x.reshape(-1, 1, 8, 8), y, depth=3)
-    with pytest.raises(ValueError, match="y must be a tensor of 256 class labels"):
+    with pytest.raises(ValueError, match="y must hold 256 class labels"):
         init_statistics(x, y[:10], depth=3)
 
 
@@ -141,7 +141,7 @@ def test_bad_dtypes_and_labels_are_named(batch):
     x, y = batch
     with pytest.raises(ValueError, match=r"x must be a float tensor .*\(256, 64\) of dtype torch.int64"):
         init_statistics(x.long(), y, depth=3)
-    with pytest.raises(ValueError, match="y must hold int64 class labels.*got dtype torch.float32"):
+    with pytest.raises(TypeError, match="y must be a 1-D int64 tensor of class labels.*got dtype torch.float32"):
         init_statistics(x, y.float(), depth=3)
     with pytest.raises(ValueError, match=r"labels must lie in 0..9 .*got values from 0 to 10"):
         init_statistics(x, torch.where(y == 9, 10, y), depth=3)

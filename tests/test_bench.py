@@ -26,6 +26,16 @@ def test_median_time_and_paired_ratio_are_positive():
         bench.median_time(lambda: None, repeats=0)
 
 
+def test_alternate_times_swaps_which_runs_first():
+    calls = []
+    times_a, times_b = bench.alternate_times(lambda: calls.append("a"), lambda: calls.append("b"),
+                                             repeats=4, warmup=1)
+    assert len(times_a) == len(times_b) == 4 and min(times_a + times_b) >= 0
+    assert "".join(calls) == "ab" + "ab" + "ba" + "ab" + "ba"  # warmup, then the first runner alternates
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        bench.alternate_times(lambda: None, lambda: None, repeats=0)
+
+
 @pytest.mark.parametrize("impl", ["numpy", "from-scratch", "native"])
 @pytest.mark.parametrize("direction", ["forward", "forward+backward"])
 def test_every_step_runs(impl, direction):

@@ -1,9 +1,9 @@
-"""bn_course.data: the digits split is deterministic, standardized with training statistics only."""
+"""bn_course.data: the digits split is deterministic, standardized with training statistics only; labels are checked."""
 
 import pytest
 import torch
 
-from bn_course.data import as_images, batches, load_digits_split
+from bn_course.data import as_images, batches, check_class_labels, load_digits_split
 
 
 def test_shapes_and_dtypes():
@@ -75,3 +75,23 @@ def test_bad_batch_and_image_input():
         as_images(torch.zeros(3, 10))
     with pytest.raises(TypeError, match="torch.Tensor"):
         as_images([1, 2])
+
+
+def test_check_class_labels_names_each_mistake():
+    y = torch.tensor([0, 3, 9])
+    check_class_labels(y, 10, n=3)  # fine: no error
+    with pytest.raises(TypeError, match=r"1-D int64 tensor of class labels.*got list"):
+        check_class_labels([0, 3, 9], 10)
+    with pytest.raises(TypeError, match=r"got dtype torch.float32 of shape \(3,\).*y.long\(\)"):
+        check_class_labels(y.float(), 10)
+    with pytest.raises(TypeError, match=r"of shape \(3, 1\)"):
+        check_class_labels(y[:, None], 10)
+    with pytest.raises(ValueError, match="y must hold 4 class labels"):
+        check_class_labels(y, 10, n=4)
+    with pytest.raises(ValueError, match=r"labels must lie in 0..2 \(n_classes=3\), got values from 0 to 9"):
+        check_class_labels(y, 3)
+    with pytest.raises(ValueError, match=r"0..9 \(the read-out has 10 outputs\), got values from -1 to 3"):
+        check_class_labels(torch.tensor([-1, 3]), 10, outputs="the read-out")
+    with pytest.raises(ValueError, match="labels must be >= 0, got values from -1 to 3"):
+        check_class_labels(torch.tensor([-1, 3]))
+    check_class_labels(torch.zeros(0, dtype=torch.int64), 10)  # an empty batch of labels is well formed

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_course.models import cnn, count_parameters, mlp
+from bn_course.models import NORM_COLORS, cnn, count_parameters, mlp
 
 
 @pytest.mark.parametrize("norm", ["none", "batch", "layer", "group"])
@@ -76,3 +76,11 @@ def test_cnn_bad_input():
         cnn(channels=(4, 4, 4, 4))
     with pytest.raises(ValueError, match=r"\(N, 64\)"):
         cnn()(torch.randn(2, 10))
+
+
+def test_norm_colors_are_distinct_matplotlib_colours():
+    from matplotlib.colors import is_color_like, to_rgba
+
+    assert {"none", "batch", "layer", "group", "renorm"} <= set(NORM_COLORS)
+    assert all(is_color_like(c) for c in NORM_COLORS.values())
+    assert len({to_rgba(c) for c in NORM_COLORS.values()}) == len(NORM_COLORS)

@@ -221,9 +221,9 @@ def test_welford_and_one_pass_agree_with_numpy_in_float64():
     np.testing.assert_allclose(nb.batch_mean_var(x)[1], expected, rtol=1e-12)
 
 
-def test_time_backward_returns_two_positive_medians():
+def test_time_backward_returns_two_positive_medians_and_their_paired_ratio():
     times = nb.time_backward(shape=(4, 3, 8, 8), repeats=3, seed=1)
-    assert set(times) == {"staged", "compact"}
+    assert set(times) == {"staged", "compact", "ratio"}
     assert all(t > 0 for t in times.values())
 
 
