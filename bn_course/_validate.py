@@ -54,11 +54,27 @@ def check_channels(shape, num_features, name, where="input"):
 
 def check_eps(eps, where="eps"):
     """eps must be a positive number: it keeps sqrt(var + eps) away from 0 for a constant channel."""
-    if real_number(eps) is None or not real_number(eps) > 0:
+    if real_number(eps) is None or not 0 < real_number(eps) < math.inf:
         raise ValueError(
-            f"{where} must be a positive number, got {eps!r}. It keeps sqrt(var + eps) above 0 when a "
+            f"{where} must be a positive number (finite), got {eps!r}. It keeps sqrt(var + eps) above 0 when a "
             "channel's values are all equal (var = 0); PyTorch's default is 1e-5."
         )
+
+
+def check_momentum(momentum):
+    """PyTorch's momentum is the weight of the new batch: a number between 0 and 1."""
+    is_number = isinstance(momentum, numbers.Real)
+    if isinstance(momentum, bool) or not is_number or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"momentum must be a number between 0 and 1 (the weight of the new batch, "
+            f"PyTorch's convention), got {momentum!r}."
+        )
+
+
+def check_num_features(num_features, name="num_features"):
+    """A layer's channel count must be a positive integer."""
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
+        raise ValueError(f"{name} must be a positive integer (the number of channels C), got {num_features!r}.")
 
 
 def real_number(value):

@@ -146,6 +146,10 @@ def batches(x, y, batch_size, seed=0):
     x: (N, ...), y: (N,). Every batch has exactly ``batch_size`` rows; the last,
     incomplete batch of an epoch is dropped.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x must be a torch.Tensor of shape (N, ...), got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else 'a 0-D tensor'}.")
+    check_class_labels(y)
     n = int(x.shape[0])
     if int(y.shape[0]) != n:
         raise ValueError(f"x and y must have the same number of rows, got {n} and {int(y.shape[0])}.")

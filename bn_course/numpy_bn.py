@@ -15,7 +15,8 @@ Training mode, for each channel::
 
 import numpy as np
 
-from bn_course._validate import check_channels, check_enough_values, check_eps, check_rank
+from bn_course._validate import (check_channels, check_enough_values, check_eps, check_momentum,  # noqa: F401
+                                 check_rank, real_number)
 
 
 def _as_float_array(x, name):
@@ -48,11 +49,20 @@ def _check_params(x, gamma, beta):
     return gamma.astype(x.dtype, copy=False), beta.astype(x.dtype, copy=False)
 
 
+def _check_stats_input(x):
+    """x for a per-channel statistic: a float array (N, C, *spatial) with at least 2 values per channel."""
+    x = _as_float_array(x, "x")
+    check_rank(x.shape, "x")
+    check_enough_values(x.shape, "x")
+    return x
+
+
 def batch_mean_var(x):
     """Per-channel mean and biased variance of x, two-pass (numerically stable).
 
     x: (N, C, *spatial) -> mean, var: (C,)
     """
+    x = _check_stats_input(x)
     axes = reduce_axes(x)
     mu = x.mean(axis=axes)
     var = ((x - per_channel(mu, x.ndim)) ** 2).mean(axis=axes)
@@ -85,6 +95,9 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
 
 
 def _check_dout(dout, cache):
+    if not isinstance(cache, dict) or not {"x_mu", "std", "inv_std", "x_hat", "gamma", "axes"} <= cache.keys():
+        raise TypeError(f"cache must be the dict returned by batchnorm_forward (second output), "
+                        f"got {type(cache).__name__}.")
     dout = _as_float_array(dout, "dout")
     if dout.shape != cache["x_hat"].shape:
         raise ValueError(
@@ -155,16 +168,6 @@ def batchnorm_backward(dout, cache):
     return dx, dgamma, dbeta
 
 
-def check_momentum(momentum):
-    """PyTorch's momentum is the weight of the new batch: a number between 0 and 1."""
-    is_number = isinstance(momentum, (int, float, np.floating, np.integer))
-    if isinstance(momentum, bool) or not is_number or not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(
-            f"momentum must be a number between 0 and 1 (the weight of the new batch, "
-            f"PyTorch's convention), got {momentum!r}."
-        )
-
-
 def update_running_stats(running_mean, running_var, x, momentum=0.1):
     """PyTorch's exponential moving average of the batch statistics.
 
@@ -226,6 +229,12 @@ def numerical_gradient(f, a, h=1e-5):
     ``a`` is nudged in place, one entry at a time, and restored:
     grad[i] = (f(a + h e_i) - f(a - h e_i)) / (2 h). Use float64. Returns the shape of a.
     """
+    if not callable(f):
+        raise TypeError(f"f must be a function of no arguments that returns a number, got {type(f).__name__}.")
+    if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"a must be a floating-point NumPy array (it is nudged in place), got "
+                        f"{type(a).__name__ if not isinstance(a, np.ndarray) else 'dtype ' + str(a.dtype)}.")
+    _check_step(h)
     grad = np.zeros_like(a)
     flat, flat_grad = a.reshape(-1), grad.reshape(-1)   # views: writing them writes a, grad
     for i in range(flat.size):
@@ -239,10 +248,19 @@ def numerical_gradient(f, a, h=1e-5):
     return grad
 
 
+def _check_step(h):
+    if real_number(h) is None or not 0 < real_number(h) < np.inf:
+        raise ValueError(f"h must be a positive finite number (the finite-difference step), got {h!r}.")
+
+
 def relative_error(a, b):
     """|a - b| / (|a| + |b|) with Euclidean norms: 0 when equal, 1 when b = -a, about 0.71 for
     independent random arrays of equal norm."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"relative_error compares arrays of the same shape, got {a.shape} and {b.shape}.")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("nan")  # a NaN or inf gradient is not "no error"
     scale = np.linalg.norm(a) + np.linalg.norm(b)
     return float(np.linalg.norm(a - b) / scale) if scale > 0 else 0.0
 
@@ -255,6 +273,8 @@ def gradient_check(shape=(4, 3, 2, 2), seed=0, eps=1e-5, h=1e-5, dtype=np.float6
     Returns {"compact": {"dx": err, "dgamma": err, "dbeta": err}, "staged": {...}} with
     relative errors.
     """
+    _check_step(h)
+    check_eps(eps)
     rng = np.random.default_rng(seed)
     C = shape[1]
     x = rng.normal(1.0, 2.0, size=shape).astype(dtype)
@@ -287,6 +307,7 @@ def variance_one_pass(x):
     Numerically unstable: when the mean is large compared with the spread, the two terms
     are huge and nearly equal, and their difference loses most of its digits.
     """
+    x = _check_stats_input(x)
     axes = reduce_axes(x)
     return (x ** 2).mean(axis=axes) - x.mean(axis=axes) ** 2
 
@@ -297,6 +318,7 @@ def variance_welford(x):
     Keeps a running mean and M2 (the sum of squared deviations); stable, and needs a single
     pass over data that arrives piece by piece. Returns the biased variance M2 / m.
     """
+    x = _check_stats_input(x)
     values = _values_by_channel(x)
     mean = np.zeros(values.shape[1], dtype=x.dtype)
     M2 = np.zeros(values.shape[1], dtype=x.dtype)
@@ -314,6 +336,8 @@ def variance_errors(offset, shape=(2048, 4), seed=0, dtype=np.float32):
     the error is the worst channel's |estimate - truth| / truth (1 means 100% off).
     Returns {"one-pass": err, "two-pass": err, "Welford": err}.
     """
+    if real_number(offset) is None or not np.isfinite(real_number(offset)):
+        raise ValueError(f"offset must be a finite number (the mean of the data), got {offset!r}.")
     rng = np.random.default_rng(seed)
     x = (offset + rng.standard_normal(shape)).astype(dtype)
     truth = batch_mean_var(x.astype(np.float64))[1]
@@ -356,6 +380,9 @@ def track_running_mean(momentum, steps=50, batch_shape=(32, 4), true_mean=3.0, s
     Starts from PyTorch's initial buffers (mean 0, variance 1) and returns the running mean
     after each step, shape (steps, C): how fast it forgets its start shows the momentum's lag.
     """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer (the number of batches), got {steps!r}.")
+    check_momentum(momentum)
     rng = np.random.default_rng(seed)
     C = batch_shape[1]
     running_mean, running_var = np.zeros(C), np.ones(C)

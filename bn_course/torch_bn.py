@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from bn_course._validate import check_channels, check_enough_values, check_eps, check_rank, values_per_channel
+from bn_course._validate import (check_channels, check_enough_values, check_eps, check_momentum, check_num_features,
+                                 check_rank, values_per_channel)
 
 # Input dtypes that PyTorch normalizes with float32 parameters and statistics (mixed precision).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -191,7 +192,10 @@ class BatchNorm(nn.Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True):
         super().__init__()
+        check_num_features(num_features)
         check_eps(eps)
+        if momentum is not None:  # None: cumulative moving average
+            check_momentum(momentum)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

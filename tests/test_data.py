@@ -95,3 +95,15 @@ def test_check_class_labels_names_each_mistake():
     with pytest.raises(ValueError, match="labels must be >= 0, got values from -1 to 3"):
         check_class_labels(torch.tensor([-1, 3]))
     check_class_labels(torch.zeros(0, dtype=torch.int64), 10)  # an empty batch of labels is well formed
+
+
+def test_batches_rejects_what_is_not_a_tensor_of_labels():
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        next(batches([[1.0, 2.0]] * 8, y, 4))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        next(batches(None, y, 4))
+    with pytest.raises(TypeError, match="y must be a 1-D int64 tensor of class labels"):
+        next(batches(x, y.tolist(), 4))
+    with pytest.raises(TypeError, match="y must be a 1-D int64 tensor of class labels"):
+        next(batches(x, y.float(), 4))

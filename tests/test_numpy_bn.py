@@ -321,3 +321,65 @@ def test_eps_must_be_a_positive_number(eps):
 def test_an_empty_batch_is_named():
     with pytest.raises(ValueError, match=r"empty input, shape \(0, 3\)"):
         nb.batchnorm_forward(np.ones((0, 3)), np.ones(3), np.zeros(3))
+
+
+# --- bad input found by fuzzing: one clear sentence, never a deep NumPy error or a wrong answer ---
+
+@pytest.mark.parametrize("fn", [nb.batch_mean_var, nb.variance_one_pass, nb.variance_welford])
+def test_statistics_reject_bad_input(fn):
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        fn(np.random.randn(8))
+    with pytest.raises(TypeError, match="floating-point array"):
+        fn(np.ones((8, 4), dtype=np.int64))
+    with pytest.raises(TypeError, match="floating-point array"):
+        fn(None)
+    with pytest.raises(ValueError, match="empty input"):
+        fn(np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fn(np.random.randn(1, 4))
+
+
+@pytest.mark.parametrize("backward", [nb.batchnorm_backward, nb.batchnorm_backward_staged])
+def test_backward_rejects_a_cache_that_is_not_forwards(backward):
+    with pytest.raises(TypeError, match="cache must be the dict returned by batchnorm_forward"):
+        backward(np.random.randn(8, 4), None)
+    with pytest.raises(TypeError, match="cache must be the dict returned by batchnorm_forward"):
+        backward(np.random.randn(8, 4), {"x_hat": np.zeros((8, 4))})
+
+
+def test_relative_error_rejects_mismatched_shapes_and_reports_nan():
+    with pytest.raises(ValueError, match="same shape"):
+        nb.relative_error(np.ones((8, 4)), np.ones((1, 4)))
+    with pytest.raises(ValueError, match="same shape"):
+        nb.relative_error(None, np.ones(3))
+    assert np.isnan(nb.relative_error(np.full(3, np.nan), np.ones(3)))  # not 0.0: a NaN gradient is wrong
+
+
+def test_numerical_gradient_and_gradient_check_reject_bad_input():
+    with pytest.raises(TypeError, match="f must be a function"):
+        nb.numerical_gradient(None, np.ones(3))
+    with pytest.raises(TypeError, match="a must be a floating-point NumPy array"):
+        nb.numerical_gradient(lambda: 0.0, [1.0, 2.0])
+    with pytest.raises(ValueError, match="h must be a positive finite number"):
+        nb.numerical_gradient(lambda: 0.0, np.ones(3), h=0)
+    with pytest.raises(ValueError, match="h must be a positive finite number"):
+        nb.gradient_check(h=None)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        nb.gradient_check(eps=float("nan"))
+
+
+def test_variance_errors_and_track_running_mean_reject_bad_options():
+    for offset in (None, "abc", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="offset must be a finite number"):
+            nb.variance_errors(offset)
+    for steps in (0, -1, 2.5, None):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            nb.track_running_mean(0.1, steps=steps)
+    with pytest.raises(ValueError, match="momentum must be a number between 0 and 1"):
+        nb.track_running_mean("abc")
+
+
+def test_eps_must_be_finite():
+    x = np.random.randn(8, 4)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        nb.batchnorm_forward(x, np.ones(4), np.zeros(4), eps=float("inf"))

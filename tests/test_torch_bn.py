@@ -466,3 +466,25 @@ def test_matches_pytorch_on_the_gpu():
         for ga, gb in zip(grads_a, grads_b):
             torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
     assert_same_state(ours, theirs, dict(rtol=1e-4, atol=1e-4))
+
+
+# --- bad constructor arguments found by fuzzing: one clear sentence, not an error from torch.ones ---
+
+@pytest.mark.parametrize("num_features", [None, "4", 2.5, 0, -1, True, [4]])
+def test_batchnorm_rejects_bad_num_features(num_features):
+    with pytest.raises(ValueError, match="num_features must be a positive integer"):
+        BatchNorm(num_features)
+
+
+@pytest.mark.parametrize("momentum", ["abc", -1, 1.5, float("nan"), [0.1]])
+def test_batchnorm_rejects_bad_momentum(momentum):
+    with pytest.raises(ValueError, match="momentum must be a number between 0 and 1"):
+        BatchNorm(4, momentum=momentum)
+
+
+def test_batchnorm_accepts_momentum_none_and_rejects_infinite_eps():
+    BatchNorm(4, momentum=None)(torch.randn(8, 4))  # cumulative moving average, as nn.BatchNorm
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        BatchNorm(4, eps=float("inf"))
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        batchnorm_autograd(torch.randn(8, 4), None, None, eps=float("inf"))
