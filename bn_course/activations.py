@@ -101,6 +101,7 @@ def saturated_fraction(h, activation):
     tanh' = 1 - h**2 (max 1); sigmoid' = h (1 - h) (max 1/4); relu' = 0 where h = 0.
     """
     _check_activation(activation)
+    _check_outputs(h, "saturated_fraction", "of any shape")
     if activation == "tanh":
         slope = (1 - h**2) / 1.0
     elif activation == "sigmoid":
@@ -110,8 +111,22 @@ def saturated_fraction(h, activation):
     return float((slope < SATURATION_SLOPE).to(torch.float32).mean())
 
 
+def _check_outputs(h, where, layout):
+    """h: a non-empty floating-point tensor of a layer's outputs (``layout`` says its shape)."""
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"{where}: h must be a torch.Tensor of layer outputs {layout}, got {type(h).__name__}.")
+    if not h.is_floating_point():
+        raise TypeError(f"{where}: h must be a floating-point tensor (an activation's output), got dtype {h.dtype}.")
+    if h.numel() == 0:
+        raise ValueError(f"{where}: h is empty, shape {tuple(h.shape)}: there is no output to measure.")
+
+
 def dead_fraction(h):
     """Fraction of units (columns of h: (N, width)) whose output is 0 for every example."""
+    _check_outputs(h, "dead_fraction", "(N, width)")
+    if h.dim() != 2:
+        raise ValueError(f"dead_fraction: h must have shape (N, width), one column per unit, "
+                         f"got shape {tuple(h.shape)} ({h.dim()}D).")
     return float((h.amax(dim=0) <= 0).to(torch.float32).mean())
 
 

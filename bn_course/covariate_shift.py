@@ -176,10 +176,12 @@ class NoisyShift(nn.Module):
         super().__init__()
         if not (isinstance(num_features, int) and num_features > 0):
             raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
-        if max_shift < 0:
-            raise ValueError(f"max_shift must be >= 0, got {max_shift}.")
-        if max_scale < 1:
-            raise ValueError(f"max_scale must be >= 1 (scales are drawn in [1/max_scale, max_scale]), got {max_scale}.")
+        shift, scale = real_number(max_shift), real_number(max_scale)
+        if shift is None or not 0 <= shift < math.inf:
+            raise ValueError(f"max_shift must be >= 0 and finite, got {max_shift!r}.")
+        if scale is None or not 1 <= scale < math.inf:
+            raise ValueError(f"max_scale must be >= 1 and finite (scales are drawn in [1/max_scale, max_scale]), "
+                             f"got {max_scale!r}.")
         self.num_features = num_features
         self.max_shift = float(max_shift)
         self.max_scale = float(max_scale)

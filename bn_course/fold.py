@@ -35,6 +35,13 @@ def _is_batchnorm(module):
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))
 
 
+def check_batchnorm(bn, where):
+    """``bn`` must be a batch-norm layer: nn.BatchNorm1d/2d/3d or bn_course's BatchNorm."""
+    if not _is_batchnorm(bn):
+        raise TypeError(f"{where}: expected a batch-norm layer (nn.BatchNorm1d/2d/3d or bn_course's BatchNorm), "
+                        f"got {type(bn).__name__}.")
+
+
 def _out_channels(layer):
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
@@ -42,6 +49,7 @@ def _out_channels(layer):
 def check_running_stats(bn, where, consequence=""):
     """``bn`` must keep running statistics (track_running_stats=True), the buffers that evaluation
     mode normalizes with; ``consequence`` says what their absence means for the caller."""
+    check_batchnorm(bn, where)
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             f"{where}: {type(bn).__name__}({bn.num_features}) has no running statistics "
@@ -81,6 +89,7 @@ def bn_scale_shift(bn):
 
     a = gamma / sqrt(running_var + eps),  b = beta - a * running_mean
     """
+    check_running_stats(bn, "bn_scale_shift")
     var = bn.running_var.detach().double()
     mu = bn.running_mean.detach().double()
     gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mu)

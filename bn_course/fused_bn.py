@@ -20,7 +20,7 @@ is free here, and saves a pass.
 
 import torch
 
-from bn_course._validate import check_enough_values, check_eps
+from bn_course._validate import check_channels, check_enough_values, check_eps
 from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
 
 # torch.compile specializes on shape, dtype and layout; allow more variants than its default of 8
@@ -34,6 +34,10 @@ def forward_math(x, gamma, beta, eps):
     x: (N, C, *spatial); gamma, beta: (C,) or None.
     Returns out (shape of x), mu (C,), var (C,) biased, inv_std (C,).
     """
+    check_input(x, "x")  # plain Python on type, dtype and shape: torch.compile traces it away
+    check_params(x, gamma, beta)
+    check_enough_values(tuple(x.shape), "x")
+    check_eps(eps)
     var, mu = torch.var_mean(x, dim=reduce_dims(x), correction=0)  # sweep 1: one pass of x
     inv_std = torch.rsqrt(var + eps)
     scale = inv_std if gamma is None else gamma * inv_std          # C values: negligible
@@ -49,6 +53,7 @@ def backward_math(dout, x, mu, inv_std, gamma):
     dout, x: (N, C, *spatial); mu, inv_std: (C,); gamma: (C,) or None.
     Returns dx (shape of x), dgamma (C,), dbeta (C,).
     """
+    _check_backward_args(dout, x, mu, inv_std, gamma)
     dims = reduce_dims(x)
     m = x.numel() // x.shape[1]
     x_hat = (x - per_channel(mu, x.dim())) * per_channel(inv_std, x.dim())
@@ -58,6 +63,20 @@ def backward_math(dout, x, mu, inv_std, gamma):
     dx = per_channel(scale, x.dim()) * (                           # sweep 2: read both, write dx
         dout - per_channel(dbeta / m, x.dim()) - x_hat * per_channel(dgamma / m, x.dim()))
     return dx, dgamma, dbeta
+
+
+def _check_backward_args(dout, x, mu, inv_std, gamma):
+    """backward_math's inputs: x and dout floating tensors of one shape (N, C, *spatial), mu and
+    inv_std tensors of shape (C,), gamma (C,) or None. Checks on types and shapes only."""
+    check_input(x, "x")
+    check_input(dout, "dout")
+    if dout.shape != x.shape:
+        raise ValueError(f"dout must have the shape of x, {tuple(x.shape)}, got shape {tuple(dout.shape)}.")
+    for name, t in (("mu", mu), ("inv_std", inv_std)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (C,), got {type(t).__name__}.")
+        check_channels(tuple(x.shape), tuple(t.shape), name, "x")
+    check_params(x, gamma, None)
 
 
 _compiled = {}

@@ -40,6 +40,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from bn_course._validate import check_num_features
+
 NORMS = ("none", "batch", "layer", "group")
 # The course's one colour convention for plotting normalization variants (tab:orange: "without BN, He init").
 NORM_COLORS = {"none": "tab:red", "batch": "tab:blue", "layer": "tab:green", "group": "tab:purple", "renorm": "tab:brown"}
@@ -68,6 +70,7 @@ def _check_widths(widths, name):
 def norm_layer(norm, num_features, groups=4, spatial=False):
     """The normalization module for ``num_features`` features (channels if ``spatial``)."""
     _check_choice(norm, NORMS, "norm")
+    check_num_features(num_features)
     if norm == "batch":
         return nn.BatchNorm2d(num_features) if spatial else nn.BatchNorm1d(num_features)
     if norm == "layer":

@@ -25,12 +25,14 @@ tests can rerun them with other seeds.
 """
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 import bn_course
 from bn_course._validate import check_enough_values as check_bn_values
+from bn_course._validate import check_num_features
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
@@ -88,6 +90,20 @@ def check_affine_params(gamma, beta, shape, meaning, where):
             raise ValueError(f"{where}: {name} must have shape {shape}, {meaning}, got shape {tuple(p.shape)}.")
 
 
+def check_normalized_shape(normalized_shape, where):
+    """normalized_shape as a tuple of positive ints: an int (the last dim only) or a non-empty sequence of ints."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        normalized_shape = (normalized_shape,)
+    ok = isinstance(normalized_shape, (tuple, list, torch.Size)) and len(normalized_shape) > 0 and all(
+        isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in normalized_shape)
+    if not ok:
+        raise ValueError(
+            f"{where}: normalized_shape must be a positive integer or a non-empty tuple of positive integers "
+            f"(the sizes of the trailing dims to normalize over), got {normalized_shape!r}."
+        )
+    return tuple(int(n) for n in normalized_shape)
+
+
 def per_channel_meaning(x):
     """How check_affine_params explains the shape (C,) of a per-channel gamma or beta."""
     return f"one value per channel of an input with C={x.shape[1]} channels (axis 1 of shape {tuple(x.shape)})"
@@ -118,6 +134,7 @@ def standardize(x, dims, eps=1e-5):
     x: any shape; dims: the dims the statistics are taken over. Returns x_hat (shape of x),
     mu and var (shape of x with ``dims`` kept as size 1).
     """
+    check_float_tensor(x, "standardize input")
     var, mu = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
     x_hat = (x - mu) * torch.rsqrt(var + eps)
     return x_hat, mu, var
@@ -148,9 +165,7 @@ def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
     gamma, beta: normalized_shape or None. Returns the shape (and dtype) of x.
     Matches torch.nn.functional.layer_norm.
     """
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(normalized_shape)
+    normalized_shape = check_normalized_shape(normalized_shape, "layer_norm")
     where = f"layer_norm(normalized_shape={normalized_shape})"
     check_float_tensor(x, f"{where} input")
     k = len(normalized_shape)
@@ -183,9 +198,7 @@ class LayerNorm(nn.Module):
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True):
         super().__init__()
-        if isinstance(normalized_shape, int):
-            normalized_shape = (normalized_shape,)
-        self.normalized_shape = tuple(normalized_shape)
+        self.normalized_shape = check_normalized_shape(normalized_shape, "LayerNorm")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         add_affine_params(self, self.normalized_shape, weight=elementwise_affine, bias=bias)
@@ -201,6 +214,10 @@ class LayerNorm(nn.Module):
 
 def check_groups(num_groups, num_channels):
     """num_groups must be a positive divisor of num_channels."""
+    check_num_features(num_channels, "num_channels")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise ValueError(f"GroupNorm: num_groups must be a positive integer that divides num_channels={num_channels}, "
+                         f"got {num_groups!r}.")
     if num_groups < 1 or num_channels % num_groups != 0:
         raise ValueError(
             f"GroupNorm: num_groups={num_groups} must divide num_channels={num_channels} "
@@ -221,6 +238,8 @@ def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
     check_min_rank(x, 2, "(N, C, *spatial)", where)
     N, C = x.shape[0], x.shape[1]
     check_groups(num_groups, C)
+    if N == 0:
+        raise ValueError(f"{where}: got an empty input, shape {tuple(x.shape)}: there are no samples to normalize.")
     check_affine_params(gamma, beta, (C,), per_channel_meaning(x), where)
     m = (C // num_groups) * int(math.prod(x.shape[2:]))
     check_enough_values(m, x.shape, where, "group")

@@ -18,6 +18,8 @@ Without an initialized process group (or with one process) every all-reduce is a
 no-op and ``SyncBatchNorm`` is exactly ``bn_course.torch_bn.BatchNorm``.
 """
 
+import numbers
+
 import torch
 import torch.distributed as dist
 
@@ -146,7 +148,14 @@ class SyncBatchNorm(BatchNorm):
 
 def shard(t, rank, world_size):
     """This rank's part of a batch: ``world_size`` nearly equal slices along axis 0."""
-    return torch.tensor_split(t, world_size, dim=0)[rank]
+    if not isinstance(t, torch.Tensor) or t.dim() < 1:
+        raise TypeError(f"shard: t must be a torch.Tensor with a batch axis (axis 0), got "
+                        f"{type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}.")
+    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
+        raise ValueError(f"shard: world_size must be a positive integer (the number of processes), got {world_size!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
+        raise ValueError(f"shard: rank must be an integer from 0 to world_size - 1 = {world_size - 1}, got {rank!r}.")
+    return torch.tensor_split(t, int(world_size), dim=0)[int(rank)]
 
 
 def _one_run(module, batches, rank, world_size):

@@ -196,6 +196,9 @@ class BatchNorm(nn.Module):
         check_eps(eps)
         if momentum is not None:  # None: cumulative moving average
             check_momentum(momentum)
+        for name, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}.")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

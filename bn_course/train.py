@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from bn_course._validate import real_number
@@ -97,12 +98,26 @@ class History:
         }
 
 
+def check_model(model, where):
+    """``model`` must be a torch.nn.Module (its train/eval mode and parameters are used)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module (e.g. bn_course.models.mlp(...)), "
+                        f"got {type(model).__name__}.")
+
+
+def check_steps(steps):
+    """``steps``, the number of optimizer steps, must be a positive integer."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+
+
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=2048):
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in evaluation mode.
 
     x: (N, ...) float, y: (N,) int64 -> (loss: float, accuracy: float in [0, 1]).
     """
+    check_model(model, "evaluate")
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -132,8 +147,7 @@ def _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor
         if not hasattr(data, name):
             raise TypeError(f"data must have x_train, y_train, x_test and y_test (e.g. "
                             f"bn_course.data.load_digits_split()); it has no {name!r}.")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    check_steps(steps)
     if real_number(lr) is None or not real_number(lr) > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
     if not isinstance(eval_every, int) or eval_every < 1:
@@ -165,6 +179,10 @@ def train(model, data, steps, lr, batch_size=60, optimizer="sgd", momentum=0.0, 
     See the module docstring for every argument. The model is moved to ``device``
     (default: the device of ``data.x_train``) and left in training mode.
     """
+    check_model(model, "train")
+    if next(iter(model.parameters()), None) is None:
+        raise ValueError(f"train: model {type(model).__name__} has no parameters to train.")
+    check_steps(steps)  # before eval_every's default is computed from it
     if eval_every is None:
         eval_every = max(1, steps // 50)
     _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor)

@@ -145,3 +145,16 @@ def test_bad_dtypes_and_labels_are_named(batch):
         init_statistics(x, y.float(), depth=3)
     with pytest.raises(ValueError, match=r"labels must lie in 0..9 .*got values from 0 to 10"):
         init_statistics(x, torch.where(y == 9, 10, y), depth=3)
+
+
+def test_output_statistics_reject_what_is_not_a_layer_output():
+    for fn in (dead_fraction, lambda h: saturated_fraction(h, "tanh")):
+        for bad, kind in ((None, "NoneType"), ([[0.0, 1.0]], "list"), (np.zeros((2, 3)), "ndarray")):
+            with pytest.raises(TypeError, match=f"h must be a torch.Tensor of layer outputs .*got {kind}"):
+                fn(bad)
+        with pytest.raises(ValueError, match=r"h is empty, shape \(0, 4\)"):
+            fn(torch.zeros(0, 4))
+        with pytest.raises(TypeError, match="h must be a floating-point tensor .*torch.int64"):
+            fn(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"dead_fraction: h must have shape \(N, width\).*\(8,\)"):
+        dead_fraction(torch.randn(8))

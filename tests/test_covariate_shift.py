@@ -279,3 +279,12 @@ def test_train_and_record_checks_probe_and_steps_before_training():
         train_and_record("batch", steps=2, probe=5, data=data)
     with pytest.raises(ValueError, match="steps must be an integer >= 2"):
         train_and_record("batch", steps=1, data=data)
+
+
+def test_noisy_shift_rejects_nan_and_infinite_ranges():
+    for bad in (float("nan"), float("inf"), None, "1"):
+        with pytest.raises(ValueError, match=f"max_shift must be >= 0 and finite, got {bad!r}"):
+            NoisyShift(4, max_shift=bad)
+        with pytest.raises(ValueError, match=r"max_scale must be >= 1 and finite"):
+            NoisyShift(4, max_scale=bad)
+    assert NoisyShift(4, max_shift=0, max_scale=1).max_scale == 1.0

@@ -259,3 +259,18 @@ def test_fold_checker_names_each_mistake_and_never_raises(capsys):
                          (lambda *args: ("a", "b"), "array of floats"), (3, "expected a function")):
         ok, out = _run_checker(fn, capsys)
         assert not ok and expected in out, (expected, out)
+
+
+def test_batchnorm_helpers_reject_what_is_not_a_batchnorm():
+    from bn_course.fold import bn_scale_shift, check_running_stats
+    from bn_course.pitfalls import FrozenBatchNorm
+    message = r"expected a batch-norm layer \(nn.BatchNorm1d/2d/3d or bn_course's BatchNorm\), got {}"
+    for bad, name in ((None, "NoneType"), (nn.ReLU(), "ReLU"), (nn.LayerNorm(4), "LayerNorm")):
+        with pytest.raises(TypeError, match="bn_scale_shift: " + message.format(name)):
+            bn_scale_shift(bad)
+        with pytest.raises(TypeError, match="fold_batchnorm: " + message.format(name)):
+            check_running_stats(bad, "fold_batchnorm")
+        with pytest.raises(TypeError, match="FrozenBatchNorm: " + message.format(name)):
+            FrozenBatchNorm(bad)
+    with pytest.raises(ValueError, match="has no running statistics"):
+        bn_scale_shift(nn.BatchNorm1d(3, track_running_stats=False))

@@ -87,3 +87,32 @@ def test_the_function_checks_its_input_too():
         fused_bn.fused_batchnorm(x, None, None, eps=0.0, use_compile=False)
     with pytest.raises(ValueError, match="eps must be a positive number"):
         fused_bn.FusedBatchNorm(3, eps=-1e-5)
+
+
+def test_the_math_functions_check_their_input():
+    x, gamma, beta = torch.randn(4, 3, 2), torch.ones(3), torch.zeros(3)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        fused_bn.forward_math(x.long(), None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"at least 2 dimensions, got shape \(8,\)"):
+        fused_bn.forward_math(torch.randn(8), None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(5,\)"):
+        fused_bn.forward_math(torch.randn(4, 5), gamma, beta, 1e-5)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got NoneType"):
+        fused_bn.forward_math(None, gamma, beta, 1e-5)
+    for eps in (-1e-5, float("nan"), None):
+        with pytest.raises(ValueError, match="eps must be a positive number"):
+            fused_bn.forward_math(x, gamma, beta, eps)
+    out, mu, var, inv_std = fused_bn.forward_math(x, gamma, beta, 1e-5)
+    dout = torch.randn_like(x)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        fused_bn.backward_math(dout, x.long(), mu, inv_std, gamma)
+    with pytest.raises(ValueError, match=r"at least 2 dimensions, got shape \(8,\)"):
+        fused_bn.backward_math(torch.randn(8), torch.randn(8), mu, inv_std, gamma)
+    with pytest.raises(ValueError, match=r"dout must have the shape of x, \(4, 3, 2\), got shape \(4, 5, 2\)"):
+        fused_bn.backward_math(torch.randn(4, 5, 2), x, mu, inv_std, gamma)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(5,\)"):
+        fused_bn.backward_math(torch.randn(4, 5), torch.randn(4, 5), torch.zeros(5), torch.ones(5), gamma)
+    with pytest.raises(ValueError, match=r"inv_std must have shape \(3,\)"):
+        fused_bn.backward_math(dout, x, mu, torch.ones(5), gamma)
+    with pytest.raises(TypeError, match="mu must be a torch.Tensor of shape"):
+        fused_bn.backward_math(dout, x, None, inv_std, gamma)

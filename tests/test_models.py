@@ -84,3 +84,11 @@ def test_norm_colors_are_distinct_matplotlib_colours():
     assert {"none", "batch", "layer", "group", "renorm"} <= set(NORM_COLORS)
     assert all(is_color_like(c) for c in NORM_COLORS.values())
     assert len({to_rgba(c) for c in NORM_COLORS.values()}) == len(NORM_COLORS)
+
+
+def test_norm_layer_checks_the_feature_count():
+    from bn_course.models import norm_layer
+    for norm in ("batch", "layer", "group", "none"):
+        for bad in (None, 0, -1, 2.5):
+            with pytest.raises(ValueError, match=f"num_features must be a positive integer .*got {bad!r}"):
+                norm_layer(norm, bad)

@@ -403,3 +403,28 @@ def test_hard_batches_reuses_known_runs(data):
     reused = hard_batches(data, seed=0, steps=50, small_batches=(4,), norms=("group",), known={("group", 4): -1.0})
     assert fresh[("group", "batch 4")] == known[("group", 4)]
     assert reused[("group", "batch 4")] == -1.0 and reused[("group", "one class")] == fresh[("group", "one class")]
+
+
+def test_sizes_and_inputs_get_clear_errors():
+    from bn_course.norms import check_groups, layer_norm, standardize
+    for bad in (None, 2.5, "4", 0, -4, True):
+        with pytest.raises(ValueError, match=f"num_channels must be a positive integer .*got {bad!r}"):
+            check_groups(2, bad)
+        with pytest.raises(ValueError, match=f"num_channels must be a positive integer .*got {bad!r}"):
+            GroupNorm(2, bad)
+    for bad in (None, 2.5, "ab"):
+        with pytest.raises(ValueError, match="num_groups must be a positive integer that divides num_channels=4"):
+            check_groups(bad, 4)
+    for bad in (None, 2.5, (4.0,), (), (-1,), [[1, 2]]):
+        with pytest.raises(ValueError, match=r"normalized_shape must be a positive integer or a non-empty tuple"):
+            LayerNorm(bad)
+        with pytest.raises(ValueError, match=r"layer_norm: normalized_shape must be a positive integer"):
+            layer_norm(torch.randn(2, 4), bad)
+    with pytest.raises(ValueError, match=r"group_norm\(num_groups=2\): got an empty input, shape \(0, 4\)"):
+        group_norm(torch.zeros(0, 4), 2)
+    with pytest.raises(TypeError, match="standardize input must be a floating-point tensor, got dtype torch.int64"):
+        standardize(torch.ones(3, 4, dtype=torch.int64), [0])
+    # the int and tuple forms still agree, and a torch.Size is accepted
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer_norm(x, 4), layer_norm(x, torch.Size([4])))
+    assert LayerNorm([4]).normalized_shape == (4,)

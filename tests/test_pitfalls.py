@@ -204,3 +204,9 @@ def test_fine_tuning_shifted(data, seed):
 def test_bn_placement(data, seed):
     r = bn_placement(data, seed)
     assert min(r.values()) > 0.93 and abs(r["before"] - r["after"]) < 0.03
+
+
+def test_frozen_batchnorm_rejects_what_is_not_a_batchnorm():
+    for bad, name in ((None, "NoneType"), (nn.ReLU(), "ReLU")):
+        with pytest.raises(TypeError, match=f"FrozenBatchNorm: expected a batch-norm layer .*got {name}"):
+            FrozenBatchNorm(bad)

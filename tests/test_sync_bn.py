@@ -157,3 +157,16 @@ def test_the_function_checks_its_input_too():
     x = torch.randn(4, 3, 2)
     with pytest.raises(ValueError, match="beta must have shape"):
         sync_bn.sync_batchnorm(x, torch.ones(3), torch.zeros(2))
+
+
+def test_shard_checks_rank_and_world_size():
+    t = torch.arange(10.0)
+    assert torch.equal(sync_bn.shard(t, 1, 2), torch.arange(5.0, 10.0))
+    for bad in (0, -1, 2.5, None):
+        with pytest.raises(ValueError, match=f"world_size must be a positive integer .*got {bad!r}"):
+            sync_bn.shard(t, 0, bad)
+    for bad in (2, -1, 0.5, None):
+        with pytest.raises(ValueError, match=f"rank must be an integer from 0 to world_size - 1 = 1, got {bad!r}"):
+            sync_bn.shard(t, bad, 2)
+    with pytest.raises(TypeError, match="t must be a torch.Tensor with a batch axis"):
+        sync_bn.shard([1, 2], 0, 2)

@@ -488,3 +488,10 @@ def test_batchnorm_accepts_momentum_none_and_rejects_infinite_eps():
         BatchNorm(4, eps=float("inf"))
     with pytest.raises(ValueError, match="eps must be a positive number"):
         batchnorm_autograd(torch.randn(8, 4), None, None, eps=float("inf"))
+
+
+def test_flags_must_be_bools():
+    for name in ("affine", "track_running_stats", "bias"):
+        for bad in ("abc", 2, None, 1):
+            with pytest.raises(TypeError, match=f"{name} must be True or False, got {bad!r}"):
+                BatchNorm(4, **{name: bad})

@@ -123,3 +123,18 @@ def test_eval_train_false_skips_the_training_set(data):
     h = _run(data, steps=20, eval_train=False)
     assert all(math.isnan(v) for v in h.train_loss + h.train_accuracy)
     assert h.test_accuracy == _run(data, steps=20).test_accuracy
+
+
+def test_bad_model_and_steps_get_clear_errors(data):
+    from torch import nn
+    model = mlp(hidden=(8,), norm="batch")
+    for bad in (None, -1, 2.5, "10", True):
+        with pytest.raises(ValueError, match=f"steps must be a positive integer, got {bad!r}"):
+            train(model, data, bad, 0.1, progress=False)
+    for bad, name in ((None, "NoneType"), ("mlp", "str"), (torch.randn(3), "Tensor")):
+        with pytest.raises(TypeError, match=f"train: model must be a torch.nn.Module .*got {name}"):
+            train(bad, data, 5, 0.1, progress=False)
+        with pytest.raises(TypeError, match=f"evaluate: model must be a torch.nn.Module .*got {name}"):
+            evaluate(bad, data.x_test, data.y_test)
+    with pytest.raises(ValueError, match="train: model ReLU has no parameters to train"):
+        train(nn.ReLU(), data, 5, 0.1, progress=False)
