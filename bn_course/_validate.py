@@ -77,6 +77,13 @@ def check_num_features(num_features, name="num_features"):
         raise ValueError(f"{name} must be a positive integer (the number of channels C), got {num_features!r}.")
 
 
+def check_bool(value, name, where=None):
+    """A switch such as ``affine`` must be True or False (not 0/1, None or a string)."""
+    if not isinstance(value, bool):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}{name} must be True or False, got {value!r}.")
+
+
 def real_number(value):
     """``value`` as a Python float if it is a real number, else None.
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from bn_course.bench import alternate_times
 from bn_course.torch_bn import BatchNorm
+from bn_course.train import check_model
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -136,6 +137,7 @@ def fold_sequential(model):
     ``fold_batchnorm(layer, bn)`` and the batch norm by ``nn.Identity()``.
     Other modules are kept as they are. ``model`` is not modified.
     """
+    check_model(model, "fold_sequential")
     folded = copy.deepcopy(model).eval()
     _fold_in_place(folded)
     return folded
@@ -156,6 +158,7 @@ def _fold_in_place(module):
 
 def count_batchnorms(model):
     """How many batch norm layers ``model`` contains."""
+    check_model(model, "count_batchnorms")
     return sum(_is_batchnorm(m) for m in model.modules())
 
 
@@ -191,6 +194,11 @@ def time_pair(model_a, model_b, x, repeats=30, warmup=3):
     (``median_a``, ``median_b``, ``min_a``, ``min_b``, in seconds) and ``ratio``, the median of
     the per-repeat ratios time_a / time_b. The minimum is the time with the least interference.
     """
+    check_model(model_a, "time_pair", "model_a")
+    check_model(model_b, "time_pair", "model_b")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"time_pair: x must be a torch.Tensor (the input both models are timed on), "
+                        f"got {type(x).__name__}.")
     times_a, times_b = alternate_times(lambda: model_a(x), lambda: model_b(x), repeats, warmup, x.device)
     return {"median_a": statistics.median(times_a), "median_b": statistics.median(times_b),
             "min_a": min(times_a), "min_b": min(times_b),

@@ -31,7 +31,7 @@ from bn_course.covariate_shift import _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES
-from bn_course.train import real_number, train
+from bn_course.train import check_logits, check_model, real_number, train
 
 
 def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
@@ -39,8 +39,12 @@ def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
 
     model is run as it is (training mode uses batch statistics). Returns (loss: float, g: (P,)).
     """
+    check_model(model, "loss_and_gradient")
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = loss_fn(model(x), y)
+    out = model(x)
+    if loss_fn is F.cross_entropy and isinstance(y, torch.Tensor) and not y.is_floating_point():
+        check_logits(out, y, int(y.max()) if y.numel() else None, "loss_and_gradient")
+    loss = loss_fn(out, y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
     return loss.item(), flat.detach()
@@ -106,6 +110,7 @@ def weights_feeding_batchnorm(model):
     Looks at the leaf modules in registration order (forward order for Sequential models)
     and returns ``(name, module)`` for each weight layer whose next leaf is a BN.
     """
+    check_model(model, "weights_feeding_batchnorm")
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     found = []
     for (name, m), (_, nxt) in zip(leaves, leaves[1:]):

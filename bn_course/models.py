@@ -40,7 +40,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from bn_course._validate import check_num_features
+from bn_course._validate import check_num_features, real_number
+from bn_course.train import check_model
 
 NORMS = ("none", "batch", "layer", "group")
 # The course's one colour convention for plotting normalization variants (tab:orange: "without BN, He init").
@@ -63,14 +64,29 @@ def _check_options(activation, norm, norm_position, init_scale):
 
 
 def _check_widths(widths, name):
-    if not all(isinstance(w, int) and w > 0 for w in widths):
+    if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
         raise ValueError(f"{name} must hold positive integers, got {tuple(widths)!r}.")
+
+
+def _as_widths(widths, name, example):
+    """``widths`` (one per layer, e.g. ``hidden``) as a tuple; a clear error if it is not a sequence."""
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of positive integers, one width per layer "
+                        f"(e.g. {name}={example}), got {type(widths).__name__} {widths!r}.")
+    return tuple(widths)
+
+
+def _check_groups(groups):
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive integer (the number of GroupNorm groups, "
+                         f"dividing each layer's width), got {groups!r}.")
 
 
 def norm_layer(norm, num_features, groups=4, spatial=False):
     """The normalization module for ``num_features`` features (channels if ``spatial``)."""
     _check_choice(norm, NORMS, "norm")
     check_num_features(num_features)
+    _check_groups(groups)
     if norm == "batch":
         return nn.BatchNorm2d(num_features) if spatial else nn.BatchNorm1d(num_features)
     if norm == "layer":
@@ -85,6 +101,11 @@ def norm_layer(norm, num_features, groups=4, spatial=False):
 
 def scale_init_(model, init_scale):
     """Draw every Linear/Conv weight from N(0, init_scale**2 / fan_in); zero the biases."""
+    check_model(model, "scale_init_")
+    scale = real_number(init_scale)
+    if scale is None or not 0 <= scale < math.inf:
+        raise ValueError(f"scale_init_: init_scale must be a non-negative finite number (each weight's std is "
+                         f"init_scale / sqrt(fan_in)), got {init_scale!r}.")
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             fan_in = int(math.prod(module.weight.shape[1:]))
@@ -113,7 +134,8 @@ def mlp(in_features=64, hidden=(100, 100, 100), out_features=10, activation="rel
     See the module docstring for the layer names and options.
     """
     _check_options(activation, norm, norm_position, init_scale)
-    hidden = tuple(hidden)
+    _check_groups(groups)
+    hidden = _as_widths(hidden, "hidden", "(100, 100)")
     _check_widths((in_features, out_features) + hidden, "in_features, out_features and hidden")
     layers = OrderedDict()
     width = in_features
@@ -155,7 +177,8 @@ def cnn(in_channels=1, channels=(16, 32), out_features=10, activation="relu", no
     ``image_size`` must be divisible by ``2 ** len(channels)``.
     """
     _check_options(activation, norm, norm_position, init_scale)
-    channels = tuple(channels)
+    _check_groups(groups)
+    channels = _as_widths(channels, "channels", "(16, 32)")
     _check_widths((in_channels, out_features) + channels, "in_channels, out_features and channels")
     if image_size % (2 ** len(channels)):
         raise ValueError(f"{len(channels)} blocks halve the image {len(channels)} times, so image_size "
@@ -178,4 +201,5 @@ def cnn(in_channels=1, channels=(16, 32), out_features=10, activation="relu", no
 
 def count_parameters(model):
     """The number of trainable numbers in ``model``."""
+    check_model(model, "count_parameters")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

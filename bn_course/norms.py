@@ -32,12 +32,12 @@ from torch import nn
 
 import bn_course
 from bn_course._validate import check_enough_values as check_bn_values
-from bn_course._validate import check_num_features
+from bn_course._validate import check_bool, check_eps, check_num_features
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
 from bn_course.torch_bn import LOW_PRECISION, BatchNorm, BatchNormFunction, per_channel
-from bn_course.train import evaluate, train
+from bn_course.train import check_model, evaluate, train
 
 
 # --- input checks ------------------------------------------------------------------------
@@ -135,6 +135,7 @@ def standardize(x, dims, eps=1e-5):
     mu and var (shape of x with ``dims`` kept as size 1).
     """
     check_float_tensor(x, "standardize input")
+    check_eps(eps, "standardize: eps")
     var, mu = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
     x_hat = (x - mu) * torch.rsqrt(var + eps)
     return x_hat, mu, var
@@ -168,6 +169,7 @@ def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
     normalized_shape = check_normalized_shape(normalized_shape, "layer_norm")
     where = f"layer_norm(normalized_shape={normalized_shape})"
     check_float_tensor(x, f"{where} input")
+    check_eps(eps, f"{where}: eps")
     k = len(normalized_shape)
     if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k:]) != normalized_shape:
         raise ValueError(
@@ -199,6 +201,9 @@ class LayerNorm(nn.Module):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True):
         super().__init__()
         self.normalized_shape = check_normalized_shape(normalized_shape, "LayerNorm")
+        check_eps(eps, "LayerNorm: eps")
+        check_bool(elementwise_affine, "elementwise_affine", "LayerNorm")
+        check_bool(bias, "bias", "LayerNorm")
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         add_affine_params(self, self.normalized_shape, weight=elementwise_affine, bias=bias)
@@ -238,6 +243,7 @@ def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
     check_min_rank(x, 2, "(N, C, *spatial)", where)
     N, C = x.shape[0], x.shape[1]
     check_groups(num_groups, C)
+    check_eps(eps, f"{where}: eps")
     if N == 0:
         raise ValueError(f"{where}: got an empty input, shape {tuple(x.shape)}: there are no samples to normalize.")
     check_affine_params(gamma, beta, (C,), per_channel_meaning(x), where)
@@ -257,6 +263,8 @@ class GroupNorm(nn.Module):
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
         super().__init__()
         check_groups(num_groups, num_channels)
+        check_eps(eps, "GroupNorm: eps")
+        check_bool(affine, "affine", "GroupNorm")
         self.num_groups, self.num_channels = num_groups, num_channels
         self.eps, self.affine = eps, affine
         add_affine_params(self, num_channels, weight=affine)
@@ -281,6 +289,7 @@ def instance_norm(x, gamma=None, beta=None, eps=1e-5):
     """
     check_float_tensor(x, "instance_norm input")
     check_min_rank(x, 3, "(N, C, *spatial)", "instance_norm")
+    check_eps(eps, "instance_norm: eps")
     check_affine_params(gamma, beta, (x.shape[1],), per_channel_meaning(x), "instance_norm")
     check_enough_values(int(math.prod(x.shape[2:])), x.shape, "instance_norm", "sample and channel")
     in_dtype = x.dtype
@@ -298,6 +307,9 @@ class InstanceNorm(nn.Module):
 
     def __init__(self, num_features, eps=1e-5, affine=False):
         super().__init__()
+        check_num_features(num_features)
+        check_eps(eps, "InstanceNorm: eps")
+        check_bool(affine, "affine", "InstanceNorm")
         self.num_features, self.eps, self.affine = num_features, eps, affine
         add_affine_params(self, num_features, weight=affine)
 
@@ -422,6 +434,10 @@ def replace_batchnorm(model, make):
 
     E.g. ``replace_batchnorm(mlp(norm="batch"), lambda C: BatchRenorm(C))``. Returns ``model``.
     """
+    check_model(model, "replace_batchnorm")
+    if not callable(make):
+        raise TypeError(f"replace_batchnorm: make must be a function num_features -> module, "
+                        f"e.g. lambda C: BatchRenorm(C), got {type(make).__name__}.")
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):

@@ -22,11 +22,12 @@ from bn_course.data import batches
 from bn_course.fold import _is_batchnorm, bn_scale_shift, check_running_stats
 from bn_course.models import mlp
 from bn_course.torch_bn import check_layer_input, per_channel
-from bn_course.train import evaluate, train
+from bn_course.train import check_model, evaluate, train
 
 
 def batchnorm_layers(model):
     """The batch norm layers of ``model``, in the order ``model.modules()`` lists them."""
+    check_model(model, "batchnorm_layers")
     return [m for m in model.modules() if _is_batchnorm(m)]
 
 
@@ -37,6 +38,7 @@ def predict_in_train_mode(model, x, batch_size):
     Batch norm then normalizes with each batch's own statistics. Runs on a copy, so the
     model's running statistics are not touched. x: (N, ...) -> (N,) int64.
     """
+    check_model(model, "predict_in_train_mode")
     clone = copy.deepcopy(model).train()
     return torch.cat([clone(x[i:i + batch_size]).argmax(dim=1) for i in range(0, int(x.shape[0]), batch_size)])
 
@@ -53,6 +55,7 @@ def precise_bn_stats(model, x, batch_size=512):
     (training or evaluation) it was in. x: (N, ...) floating point, the training inputs; each
     batch norm needs at least 2 values per channel in all of x (N * prod(spatial) >= 2).
     """
+    check_model(model, "precise_bn_stats")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"precise_bn_stats: x must be a torch.Tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -122,6 +125,7 @@ def train_on_stream(model, stream, steps, lr, momentum=0.0):
 
     For streams that ``bn_course.train.train`` does not draw itself (e.g. ``single_class_batches``).
     """
+    check_model(model, "train_on_stream")
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     losses = []
@@ -162,6 +166,7 @@ class FrozenBatchNorm(nn.Module):
 
 def freeze_batchnorm(model):
     """A copy of ``model`` with every batch norm layer replaced by its ``FrozenBatchNorm``."""
+    check_model(model, "freeze_batchnorm")
     frozen = copy.deepcopy(model)
     for parent in frozen.modules():
         for name, child in list(parent.named_children()):

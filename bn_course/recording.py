@@ -39,17 +39,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_course.train import check_logits, check_model
+
 ACTIVATION_TYPES = (nn.ReLU, nn.Sigmoid, nn.Tanh)
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def named_activations(model):
     """name -> module for every activation module (ReLU, Sigmoid, Tanh) of ``model``, in order."""
+    check_model(model, "named_activations")
     return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES))
 
 
 def named_weight_layers(model):
     """name -> module for every Linear/Conv layer of ``model``, in order."""
+    check_model(model, "named_weight_layers")
     return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_TYPES))
 
 
@@ -62,9 +66,17 @@ def _select(modules, names, what):
     return OrderedDict((n, modules[n]) for n in names)
 
 
-@contextlib.contextmanager
 def preserved_buffers(model):
-    """Put every buffer (running_mean, running_var, num_batches_tracked) back on exit."""
+    """Put every buffer (running_mean, running_var, num_batches_tracked) back on exit.
+
+    A context manager: ``with preserved_buffers(model): ...``.
+    """
+    check_model(model, "preserved_buffers")
+    return _preserved_buffers(model)
+
+
+@contextlib.contextmanager
+def _preserved_buffers(model):
     saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
         yield model
@@ -87,6 +99,7 @@ def _mode(model, training):
 @torch.no_grad()
 def activation_inputs(model, x, names=None, batch_stats=True):
     """{activation name: its input z} for one forward pass of ``x``; see the module docstring."""
+    check_model(model, "activation_inputs")
     modules = _select(named_activations(model), names, "activation")
     captured = OrderedDict()
     hooks = [m.register_forward_pre_hook(lambda _m, inputs, n=n: captured.__setitem__(n, inputs[0].detach()))
@@ -132,6 +145,7 @@ def _rms(t):
 
 def layer_norms(model, x, y, q=(15, 50, 85)):
     """Per weight layer: size of its input and of the loss gradient there; see the module docstring."""
+    check_model(model, "layer_norms")
     modules = named_weight_layers(model)
     inputs = OrderedDict()
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.__setitem__(n, args[0]))
@@ -139,7 +153,10 @@ def layer_norms(model, x, y, q=(15, 50, 85)):
     try:
         with preserved_buffers(model), _mode(model, True), torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            loss = F.cross_entropy(model(x), y, reduction="sum")
+            out = model(x)
+            if isinstance(y, torch.Tensor) and not y.is_floating_point():
+                check_logits(out, y, int(y.max()) if y.numel() else None, "layer_norms")
+            loss = F.cross_entropy(out, y, reduction="sum")
             names = list(inputs)
             weights = [modules[n].weight for n in names]
             grads = torch.autograd.grad(loss, [inputs[n] for n in names] + weights)
@@ -177,6 +194,7 @@ class PercentileTracker:
     """
 
     def __init__(self, model, x_probe, name="act3", q=(15, 50, 85), every=10, activation=None):
+        check_model(model, "PercentileTracker")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}.")
         self.model, self.x_probe, self.name, self.q = model, x_probe, name, tuple(q)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from bn_course._validate import (check_channels, check_enough_values, check_eps, check_momentum, check_num_features,
-                                 check_rank, values_per_channel)
+from bn_course._validate import (check_bool, check_channels, check_enough_values, check_eps, check_momentum,
+                                 check_num_features, check_rank, values_per_channel)
 
 # Input dtypes that PyTorch normalizes with float32 parameters and statistics (mixed precision).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -197,8 +197,7 @@ class BatchNorm(nn.Module):
         if momentum is not None:  # None: cumulative moving average
             check_momentum(momentum)
         for name, value in (("affine", affine), ("track_running_stats", track_running_stats), ("bias", bias)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r}.")
+            check_bool(value, name)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps

@@ -98,11 +98,29 @@ class History:
         }
 
 
-def check_model(model, where):
-    """``model`` must be a torch.nn.Module (its train/eval mode and parameters are used)."""
+def check_model(model, where, name="model"):
+    """``model`` must be a torch.nn.Module (its train/eval mode and parameters are used).
+
+    ``name``: the argument's name for the message (e.g. "model_a").
+    """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be a torch.nn.Module (e.g. bn_course.models.mlp(...)), "
+        raise TypeError(f"{where}: {name} must be a torch.nn.Module (e.g. bn_course.models.mlp(...)), "
                         f"got {type(model).__name__}.")
+
+
+def check_logits(logits, y, y_max, where="evaluate"):
+    """The model's output on a batch must be logits (N, n_classes) for the N labels ``y``, with a
+    column for every label (n_classes > the largest label, ``y_max``), what F.cross_entropy needs."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point():
+        return  # not a vector of class labels: F.cross_entropy has its own message
+    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    ok = (isinstance(logits, torch.Tensor) and logits.dim() == 2
+          and logits.shape[0] == y.shape[0] and (y_max is None or logits.shape[1] > y_max))
+    if not ok:
+        largest = "" if y_max is None else f" ({y_max})"
+        raise ValueError(f"{where}: the model's output has shape {shape}; {where} expects logits of shape "
+                         f"(N, n_classes) with N = {y.shape[0]} (one row per label) and "
+                         f"n_classes > the largest label{largest}, e.g. a model ending in nn.Linear(..., n_classes).")
 
 
 def check_steps(steps):
@@ -118,21 +136,26 @@ def evaluate(model, x, y, batch_size=2048):
     x: (N, ...) float, y: (N,) int64 -> (loss: float, accuracy: float in [0, 1]).
     """
     check_model(model, "evaluate")
+    y_max = int(y.max()) if isinstance(y, torch.Tensor) and y.numel() and not y.is_floating_point() else None
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, int(x.shape[0]), batch_size):
-        logits = model(x[start:start + batch_size])
-        yb = y[start:start + batch_size]
-        total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == yb).sum())
-    model.train(was_training)
+    try:
+        for start in range(0, int(x.shape[0]), batch_size):
+            logits = model(x[start:start + batch_size])
+            yb = y[start:start + batch_size]
+            check_logits(logits, yb, y_max)
+            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == yb).sum())
+    finally:
+        model.train(was_training)
     n = int(x.shape[0])
     return total_loss / n, correct / n
 
 
 def make_optimizer(model, optimizer, lr, momentum=0.0, weight_decay=0.0):
     """``torch.optim.SGD`` (plain when momentum is 0) or ``torch.optim.Adam``."""
+    check_model(model, "make_optimizer")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
     if optimizer == "sgd":

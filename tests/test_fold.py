@@ -274,3 +274,25 @@ def test_batchnorm_helpers_reject_what_is_not_a_batchnorm():
             FrozenBatchNorm(bad)
     with pytest.raises(ValueError, match="has no running statistics"):
         bn_scale_shift(nn.BatchNorm1d(3, track_running_stats=False))
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0], "abc", torch.randn(4)], ids=["None", "list", "str", "tensor"])
+def test_functions_taking_a_model_reject_a_non_module(bad):
+    from bn_course.fold import small_cnn, time_pair
+    name = type(bad).__name__
+    with pytest.raises(TypeError, match=rf"^count_batchnorms: model must be a torch.nn.Module .*got {name}\."):
+        count_batchnorms(bad)
+    with pytest.raises(TypeError, match=rf"^fold_sequential: model must be a torch.nn.Module .*got {name}\."):
+        fold_sequential(bad)
+    model, x = small_cnn().eval(), torch.randn(2, 1, 8, 8)
+    with pytest.raises(TypeError, match=rf"^time_pair: model_a must be a torch.nn.Module .*got {name}\."):
+        time_pair(bad, model, x, repeats=1, warmup=0)
+    with pytest.raises(TypeError, match=rf"^time_pair: model_b must be a torch.nn.Module .*got {name}\."):
+        time_pair(model, bad, x, repeats=1, warmup=0)
+
+
+def test_time_pair_rejects_a_non_tensor_input():
+    from bn_course.fold import small_cnn, time_pair
+    model = small_cnn().eval()
+    with pytest.raises(TypeError, match=r"^time_pair: x must be a torch.Tensor .*got list\."):
+        time_pair(model, model, [[1.0]], repeats=1, warmup=0)

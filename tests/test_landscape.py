@@ -160,3 +160,22 @@ def test_scale_invariance_accepts_numpy_and_tensor_scalars_as_c():
     for bad in ("2", torch.tensor(-2.0), torch.ones(2)):
         with pytest.raises(ValueError, match="c must be a positive number"):
             scale_invariance(model, x, y, model.linear2, bad)
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0], "abc", torch.randn(4)], ids=["None", "list", "str", "tensor"])
+def test_functions_taking_a_model_reject_a_non_module(bad):
+    from bn_course.landscape import loss_and_gradient, weights_feeding_batchnorm
+    name = type(bad).__name__
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    with pytest.raises(TypeError, match=rf"^loss_and_gradient: model must be a torch.nn.Module .*got {name}\."):
+        loss_and_gradient(bad, x, y)
+    with pytest.raises(TypeError, match=rf"^weights_feeding_batchnorm: model must be a torch.nn.Module .*got {name}\."):
+        weights_feeding_batchnorm(bad)
+
+
+def test_loss_and_gradient_rejects_a_model_whose_output_is_not_logits():
+    from bn_course.landscape import loss_and_gradient
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])
+    with pytest.raises(ValueError, match=r"^loss_and_gradient: the model's output has shape \(8, 4\); "
+                                         r"loss_and_gradient expects logits of shape \(N, n_classes\)"):
+        loss_and_gradient(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), x, y)

@@ -92,3 +92,37 @@ def test_norm_layer_checks_the_feature_count():
         for bad in (None, 0, -1, 2.5):
             with pytest.raises(ValueError, match=f"num_features must be a positive integer .*got {bad!r}"):
                 norm_layer(norm, bad)
+
+
+def test_bad_models_widths_and_groups_raise_clear_errors():
+    from bn_course.models import norm_layer, scale_init_
+    for bad in (None, [1.0, 2.0], "abc", torch.randn(4)):
+        name = type(bad).__name__
+        with pytest.raises(TypeError, match=rf"^count_parameters: model must be a torch.nn.Module .*got {name}\."):
+            count_parameters(bad)
+        with pytest.raises(TypeError, match=rf"^scale_init_: model must be a torch.nn.Module .*got {name}\."):
+            scale_init_(bad, 1.0)
+    for bad in (None, 100, 2.5, "abc"):
+        with pytest.raises(TypeError, match=r"^hidden must be a sequence of positive integers, one width per layer"):
+            mlp(hidden=bad)
+        with pytest.raises(TypeError, match=r"^channels must be a sequence of positive integers, one width per layer"):
+            cnn(channels=bad)
+    with pytest.raises(ValueError, match=r"must hold positive integers"):
+        mlp(hidden=(100, True))
+    for bad in (None, [2], "4", 0, -1, 2.5, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"^groups must be a positive integer \(the number of GroupNorm groups"):
+            norm_layer("group", 8, groups=bad)
+        with pytest.raises(ValueError, match=r"^groups must be a positive integer"):
+            mlp(norm="group", groups=bad)
+        with pytest.raises(ValueError, match=r"^groups must be a positive integer"):
+            cnn(norm="group", groups=bad)
+    assert isinstance(norm_layer("group", 8, groups=2), nn.GroupNorm)
+    assert isinstance(mlp(hidden=[8, 8]), nn.Sequential)
+
+
+def test_scale_init_rejects_a_bad_init_scale():
+    from bn_course.models import scale_init_
+    for bad in (None, [1.0], "abc", -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"^scale_init_: init_scale must be a non-negative finite number"):
+            scale_init_(mlp(), bad)
+    assert isinstance(scale_init_(mlp(), 0), nn.Sequential)  # zero weights: allowed, as before

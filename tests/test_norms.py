@@ -428,3 +428,44 @@ def test_sizes_and_inputs_get_clear_errors():
     x = torch.randn(3, 4)
     torch.testing.assert_close(layer_norm(x, 4), layer_norm(x, torch.Size([4])))
     assert LayerNorm([4]).normalized_shape == (4,)
+
+
+def test_bad_constructor_arguments_and_models_raise_clear_errors():
+    from bn_course.norms import instance_norm, layer_norm, replace_batchnorm
+    for bad in (None, [4], "4", 0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"^num_features must be a positive integer"):
+            InstanceNorm(bad)
+    for bad in (None, [1e-5], "abc", -1, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^GroupNorm: eps must be a positive number"):
+            GroupNorm(2, 4, eps=bad)
+        with pytest.raises(ValueError, match=r"^InstanceNorm: eps must be a positive number"):
+            InstanceNorm(4, eps=bad)
+        with pytest.raises(ValueError, match=r"^LayerNorm: eps must be a positive number"):
+            LayerNorm(4, eps=bad)
+        with pytest.raises(ValueError, match=r"eps must be a positive number"):
+            group_norm(torch.randn(8, 4), 2, eps=bad)
+        with pytest.raises(ValueError, match=r"eps must be a positive number"):
+            layer_norm(torch.randn(8, 4), 4, eps=bad)
+        with pytest.raises(ValueError, match=r"eps must be a positive number"):
+            instance_norm(torch.randn(8, 4, 3), eps=bad)
+    for bad in (None, [True], "abc", 1, 0, 2):
+        with pytest.raises(TypeError, match=r"^GroupNorm: affine must be True or False"):
+            GroupNorm(2, 4, affine=bad)
+        with pytest.raises(TypeError, match=r"^InstanceNorm: affine must be True or False"):
+            InstanceNorm(4, affine=bad)
+        with pytest.raises(TypeError, match=r"^LayerNorm: elementwise_affine must be True or False"):
+            LayerNorm(4, elementwise_affine=bad)
+        with pytest.raises(TypeError, match=r"^LayerNorm: bias must be True or False"):
+            LayerNorm(4, bias=bad)
+    for bad in (None, [1.0, 2.0], "abc", torch.randn(4)):
+        with pytest.raises(TypeError, match=rf"^replace_batchnorm: model must be a torch.nn.Module .*got {type(bad).__name__}\."):
+            replace_batchnorm(bad, lambda C: BatchRenorm(C))
+    with pytest.raises(TypeError, match=r"^replace_batchnorm: make must be a function num_features -> module"):
+        replace_batchnorm(nn.Sequential(nn.BatchNorm1d(4)), None)
+
+
+def test_standardize_rejects_a_bad_eps():
+    from bn_course.norms import standardize
+    for bad in (None, [1e-5], "abc", -1.0, 0, float("nan")):
+        with pytest.raises(ValueError, match=r"^standardize: eps must be a positive number"):
+            standardize(torch.randn(8, 4), [0], eps=bad)

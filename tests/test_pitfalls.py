@@ -210,3 +210,20 @@ def test_frozen_batchnorm_rejects_what_is_not_a_batchnorm():
     for bad, name in ((None, "NoneType"), (nn.ReLU(), "ReLU")):
         with pytest.raises(TypeError, match=f"FrozenBatchNorm: expected a batch-norm layer .*got {name}"):
             FrozenBatchNorm(bad)
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0], "abc", torch.randn(4)], ids=["None", "list", "str", "tensor"])
+def test_functions_taking_a_model_reject_a_non_module(bad):
+    from bn_course.pitfalls import freeze_batchnorm, predict_in_train_mode, precise_bn_stats, train_on_stream
+    name = type(bad).__name__
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    calls = {
+        "batchnorm_layers": lambda: batchnorm_layers(bad),
+        "freeze_batchnorm": lambda: freeze_batchnorm(bad),
+        "predict_in_train_mode": lambda: predict_in_train_mode(bad, x, 4),
+        "precise_bn_stats": lambda: precise_bn_stats(bad, x),
+        "train_on_stream": lambda: train_on_stream(bad, iter([(x, y)]), 1, 0.1),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{where}: model must be a torch.nn.Module .*got {name}\."):
+            call()

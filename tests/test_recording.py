@@ -116,3 +116,29 @@ def test_unknown_names():
     with pytest.raises(KeyError, match="act7"):
         PercentileTracker(model, torch.randn(3, 64), name="act7")
     assert list(named_activations(model)) == ["act1"]
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, 2.0], "abc", torch.randn(4)], ids=["None", "list", "str", "tensor"])
+def test_functions_taking_a_model_reject_a_non_module(bad):
+    from bn_course import recording
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    calls = {
+        "named_activations": lambda: recording.named_activations(bad),
+        "named_weight_layers": lambda: recording.named_weight_layers(bad),
+        "preserved_buffers": lambda: recording.preserved_buffers(bad),
+        "activation_inputs": lambda: recording.activation_inputs(bad, x),
+        "layer_norms": lambda: recording.layer_norms(bad, x, y),
+        "PercentileTracker": lambda: recording.PercentileTracker(bad, x),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{where}: model must be a torch.nn.Module .*got {type(bad).__name__}\."):
+            call()
+
+
+def test_layer_norms_rejects_a_model_whose_output_is_not_logits():
+    from torch import nn
+    from bn_course.recording import layer_norms
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])
+    with pytest.raises(ValueError, match=r"^layer_norms: the model's output has shape \(8, 4\); layer_norms expects "
+                                         r"logits of shape \(N, n_classes\).*largest label \(9\)"):
+        layer_norms(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), x, y)

@@ -495,3 +495,10 @@ def test_flags_must_be_bools():
         for bad in ("abc", 2, None, 1):
             with pytest.raises(TypeError, match=f"{name} must be True or False, got {bad!r}"):
                 BatchNorm(4, **{name: bad})
+
+
+def test_switches_must_be_bools():
+    for name in ("affine", "track_running_stats", "bias"):
+        for bad in (None, 1, "abc"):
+            with pytest.raises(TypeError, match=rf"^{name} must be True or False, got {bad!r}\."):
+                BatchNorm(4, **{name: bad})

@@ -138,3 +138,24 @@ def test_bad_model_and_steps_get_clear_errors(data):
             evaluate(bad, data.x_test, data.y_test)
     with pytest.raises(ValueError, match="train: model ReLU has no parameters to train"):
         train(nn.ReLU(), data, 5, 0.1, progress=False)
+
+
+def test_evaluate_rejects_a_model_whose_output_is_not_logits():
+    from torch import nn
+    x, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 4, 5, 6, 9])
+    for model, shape in ((nn.ReLU(), r"\(8, 4\)"), (nn.Linear(4, 3), r"\(8, 3\)"), (nn.Flatten(0), r"\(32,\)")):
+        model.train()
+        with pytest.raises(ValueError, match=rf"^evaluate: the model's output has shape {shape}; evaluate expects "
+                                             r"logits of shape \(N, n_classes\) with N = 8 .*n_classes > the "
+                                             r"largest label \(9\)"):
+            evaluate(model, x, y)
+        assert model.training  # the mode is restored after the refusal
+    loss, acc = evaluate(nn.Linear(4, 10), x, y)
+    assert math.isfinite(loss) and 0.0 <= acc <= 1.0
+
+
+def test_make_optimizer_rejects_a_non_module():
+    from bn_course.train import make_optimizer
+    for bad in (None, [1.0, 2.0], "abc", torch.randn(4)):
+        with pytest.raises(TypeError, match=rf"^make_optimizer: model must be a torch.nn.Module .*got {type(bad).__name__}\."):
+            make_optimizer(bad, "sgd", 0.1)
