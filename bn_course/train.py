@@ -136,6 +136,12 @@ def evaluate(model, x, y, batch_size=2048):
     x: (N, ...) float, y: (N,) int64 -> (loss: float, accuracy: float in [0, 1]).
     """
     check_model(model, "evaluate")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(y):
+        raise ValueError(f"evaluate: x and y must be tensors with one label per example, got "
+                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} and {type(y).__name__} "
+                         f"{tuple(getattr(y, 'shape', ()))}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}.")
     y_max = int(y.max()) if isinstance(y, torch.Tensor) and y.numel() and not y.is_floating_point() else None
     was_training = model.training
     model.eval()

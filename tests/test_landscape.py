@@ -179,3 +179,9 @@ def test_loss_and_gradient_rejects_a_model_whose_output_is_not_logits():
     with pytest.raises(ValueError, match=r"^loss_and_gradient: the model's output has shape \(8, 4\); "
                                          r"loss_and_gradient expects logits of shape \(N, n_classes\)"):
         loss_and_gradient(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), x, y)
+
+
+def test_weight_norm_experiment_names_bad_steps():
+    for steps in (None, "400", 0):
+        with pytest.raises(ValueError, match="steps must be a positive integer"):
+            weight_norm_experiment(steps=steps)

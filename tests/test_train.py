@@ -159,3 +159,14 @@ def test_make_optimizer_rejects_a_non_module():
     for bad in (None, [1.0, 2.0], "abc", torch.randn(4)):
         with pytest.raises(TypeError, match=rf"^make_optimizer: model must be a torch.nn.Module .*got {type(bad).__name__}\."):
             make_optimizer(bad, "sgd", 0.1)
+
+
+def test_evaluate_names_bad_data_and_batch_size():
+    model = mlp()
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    with pytest.raises(ValueError, match="evaluate: x and y must be tensors with one label per example"):
+        evaluate(model, None, y)
+    with pytest.raises(ValueError, match="one label per example, got Tensor \\(8, 64\\) and Tensor \\(5,\\)"):
+        evaluate(model, x, y[:5])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        evaluate(model, x, y, batch_size=0)
