@@ -435,28 +435,24 @@ def test_bad_constructor_arguments_and_models_raise_clear_errors():
     for bad in (None, [4], "4", 0, -1, 2.5, True):
         with pytest.raises(ValueError, match=r"^num_features must be a positive integer"):
             InstanceNorm(bad)
+    eps_users = [(r"^GroupNorm: ", lambda eps: GroupNorm(2, 4, eps=eps)),
+                 (r"^InstanceNorm: ", lambda eps: InstanceNorm(4, eps=eps)),
+                 (r"^LayerNorm: ", lambda eps: LayerNorm(4, eps=eps)),
+                 ("", lambda eps: group_norm(torch.randn(8, 4), 2, eps=eps)),
+                 ("", lambda eps: layer_norm(torch.randn(8, 4), 4, eps=eps)),
+                 ("", lambda eps: instance_norm(torch.randn(8, 4, 3), eps=eps))]
     for bad in (None, [1e-5], "abc", -1, 0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=r"^GroupNorm: eps must be a positive number"):
-            GroupNorm(2, 4, eps=bad)
-        with pytest.raises(ValueError, match=r"^InstanceNorm: eps must be a positive number"):
-            InstanceNorm(4, eps=bad)
-        with pytest.raises(ValueError, match=r"^LayerNorm: eps must be a positive number"):
-            LayerNorm(4, eps=bad)
-        with pytest.raises(ValueError, match=r"eps must be a positive number"):
-            group_norm(torch.randn(8, 4), 2, eps=bad)
-        with pytest.raises(ValueError, match=r"eps must be a positive number"):
-            layer_norm(torch.randn(8, 4), 4, eps=bad)
-        with pytest.raises(ValueError, match=r"eps must be a positive number"):
-            instance_norm(torch.randn(8, 4, 3), eps=bad)
+        for prefix, make in eps_users:
+            with pytest.raises(ValueError, match=prefix + "eps must be a positive number"):
+                make(bad)
+    bool_options = {r"^GroupNorm: affine": lambda v: GroupNorm(2, 4, affine=v),
+                    r"^InstanceNorm: affine": lambda v: InstanceNorm(4, affine=v),
+                    r"^LayerNorm: elementwise_affine": lambda v: LayerNorm(4, elementwise_affine=v),
+                    r"^LayerNorm: bias": lambda v: LayerNorm(4, bias=v)}
     for bad in (None, [True], "abc", 1, 0, 2):
-        with pytest.raises(TypeError, match=r"^GroupNorm: affine must be True or False"):
-            GroupNorm(2, 4, affine=bad)
-        with pytest.raises(TypeError, match=r"^InstanceNorm: affine must be True or False"):
-            InstanceNorm(4, affine=bad)
-        with pytest.raises(TypeError, match=r"^LayerNorm: elementwise_affine must be True or False"):
-            LayerNorm(4, elementwise_affine=bad)
-        with pytest.raises(TypeError, match=r"^LayerNorm: bias must be True or False"):
-            LayerNorm(4, bias=bad)
+        for option, make in bool_options.items():
+            with pytest.raises(TypeError, match=option + " must be True or False"):
+                make(bad)
     for bad in (None, [1.0, 2.0], "abc", torch.randn(4)):
         with pytest.raises(TypeError, match=rf"^replace_batchnorm: model must be a torch.nn.Module .*got {type(bad).__name__}\."):
             replace_batchnorm(bad, lambda C: BatchRenorm(C))
