@@ -71,10 +71,18 @@ def check_momentum(momentum):
         )
 
 
+def check_positive_int(value, name, meaning=None, where=None):
+    """A count (steps, a width, a number of groups or processes, ...) must be a positive integer;
+    ``meaning`` says what it counts, ``where`` who asks, in the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        prefix = f"{where}: " if where else ""
+        about = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{prefix}{name} must be a positive integer{about}, got {value!r}.")
+
+
 def check_num_features(num_features, name="num_features"):
     """A layer's channel count must be a positive integer."""
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
-        raise ValueError(f"{name} must be a positive integer (the number of channels C), got {num_features!r}.")
+    check_positive_int(num_features, name, "the number of channels C")
 
 
 def check_bool(value, name, where=None):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_course import seed_everything
+from bn_course._validate import check_positive_int
 from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
@@ -306,8 +307,7 @@ class Snapshots:
     """
 
     def __init__(self, every=50):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}.")
+        check_positive_int(every, "every")
         self.every = every
         self.steps, self.models, self.batches = [], [], []
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from bn_course import seed_everything
+from bn_course._validate import check_positive_int
 from bn_course.covariate_shift import _check_model_input
 from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
@@ -163,8 +164,7 @@ class ValidationTracker:
     """
 
     def __init__(self, model, x_val, y_val, every=50, x_test=None, y_test=None):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}.")
+        check_positive_int(every, "every")
         self.model, self.x_val, self.y_val = model, x_val, y_val
         self.x_test, self.y_test, self.every = x_test, y_test, every
         self.steps, self.val_accuracy, self.test_accuracy = [], [], []

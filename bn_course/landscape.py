@@ -31,7 +31,8 @@ from bn_course.covariate_shift import _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES
-from bn_course.train import check_logits, check_model, check_steps, real_number, train
+from bn_course._validate import check_positive_int
+from bn_course.train import check_logits, check_model, real_number, train
 
 
 def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
@@ -218,7 +219,7 @@ def weight_norm_experiment(seed=0, steps=400, lr=0.1, weight_decay=0.0, hidden=(
     each step, ``grad_norms`` (T, L) ``||g||`` of the gradient each step used,
     ``effective_lr`` (T+1, L) ``lr / ||W||^2``, and ``history``.
     """
-    check_steps(steps)  # before steps // 20 is taken
+    check_positive_int(steps, "steps")  # before steps // 20 is taken
     data = _digits(data, device)
     seed_everything(seed)
     model = mlp(hidden=hidden, norm="batch")

@@ -40,7 +40,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from bn_course._validate import check_num_features, real_number
+from bn_course._validate import check_num_features, check_positive_int, real_number
 from bn_course.train import check_model
 
 NORMS = ("none", "batch", "layer", "group")
@@ -76,17 +76,11 @@ def _as_widths(widths, name, example):
     return tuple(widths)
 
 
-def _check_groups(groups):
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive integer (the number of GroupNorm groups, "
-                         f"dividing each layer's width), got {groups!r}.")
-
-
 def norm_layer(norm, num_features, groups=4, spatial=False):
     """The normalization module for ``num_features`` features (channels if ``spatial``)."""
     _check_choice(norm, NORMS, "norm")
     check_num_features(num_features)
-    _check_groups(groups)
+    check_positive_int(groups, "groups", "the number of GroupNorm groups, dividing each layer's width")
     if norm == "batch":
         return nn.BatchNorm2d(num_features) if spatial else nn.BatchNorm1d(num_features)
     if norm == "layer":
@@ -134,7 +128,6 @@ def mlp(in_features=64, hidden=(100, 100, 100), out_features=10, activation="rel
     See the module docstring for the layer names and options.
     """
     _check_options(activation, norm, norm_position, init_scale)
-    _check_groups(groups)
     hidden = _as_widths(hidden, "hidden", "(100, 100)")
     _check_widths((in_features, out_features) + hidden, "in_features, out_features and hidden")
     layers = OrderedDict()
@@ -177,7 +170,6 @@ def cnn(in_channels=1, channels=(16, 32), out_features=10, activation="relu", no
     ``image_size`` must be divisible by ``2 ** len(channels)``.
     """
     _check_options(activation, norm, norm_position, init_scale)
-    _check_groups(groups)
     channels = _as_widths(channels, "channels", "(16, 32)")
     _check_widths((in_channels, out_features) + channels, "in_channels, out_features and channels")
     if image_size % (2 ** len(channels)):

@@ -16,7 +16,7 @@ Training mode, for each channel::
 import numpy as np
 
 from bn_course._validate import (check_channels, check_enough_values, check_eps, check_momentum,  # noqa: F401
-                                 check_rank, real_number)
+                                 check_positive_int, check_rank, real_number)
 
 
 def _as_float_array(x, name):
@@ -380,8 +380,7 @@ def track_running_mean(momentum, steps=50, batch_shape=(32, 4), true_mean=3.0, s
     Starts from PyTorch's initial buffers (mean 0, variance 1) and returns the running mean
     after each step, shape (steps, C): how fast it forgets its start shows the momentum's lag.
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer (the number of batches), got {steps!r}.")
+    check_positive_int(steps, "steps", "the number of batches")
     check_momentum(momentum)
     rng = np.random.default_rng(seed)
     C = batch_shape[1]

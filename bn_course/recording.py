@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_course._validate import check_positive_int
 from bn_course.train import check_logits, check_model
 
 ACTIVATION_TYPES = (nn.ReLU, nn.Sigmoid, nn.Tanh)
@@ -195,8 +196,7 @@ class PercentileTracker:
 
     def __init__(self, model, x_probe, name="act3", q=(15, 50, 85), every=10, activation=None):
         check_model(model, "PercentileTracker")
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}.")
+        check_positive_int(every, "every")
         self.model, self.x_probe, self.name, self.q = model, x_probe, name, tuple(q)
         self.every, self.activation = every, activation
         _select(named_activations(model), [name], "activation")

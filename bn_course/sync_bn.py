@@ -23,7 +23,7 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from bn_course._validate import values_per_channel
+from bn_course._validate import check_positive_int, values_per_channel
 from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
 
 
@@ -151,8 +151,7 @@ def shard(t, rank, world_size):
     if not isinstance(t, torch.Tensor) or t.dim() < 1:
         raise TypeError(f"shard: t must be a torch.Tensor with a batch axis (axis 0), got "
                         f"{type(t).__name__} of shape {tuple(getattr(t, 'shape', ()))}.")
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral) or world_size < 1:
-        raise ValueError(f"shard: world_size must be a positive integer (the number of processes), got {world_size!r}.")
+    check_positive_int(world_size, "world_size", "the number of processes", where="shard")
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
         raise ValueError(f"shard: rank must be an integer from 0 to world_size - 1 = {world_size - 1}, got {rank!r}.")
     return torch.tensor_split(t, int(world_size), dim=0)[int(rank)]

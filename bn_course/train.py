@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bn_course._validate import real_number
+from bn_course._validate import check_positive_int, real_number
 from bn_course.data import batches
 
 OPTIMIZERS = ("sgd", "adam")
@@ -123,12 +123,6 @@ def check_logits(logits, y, y_max, where="evaluate"):
                          f"n_classes > the largest label{largest}, e.g. a model ending in nn.Linear(..., n_classes).")
 
 
-def check_steps(steps):
-    """``steps``, the number of optimizer steps, must be a positive integer."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-
-
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=2048):
     """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in evaluation mode.
@@ -140,9 +134,8 @@ def evaluate(model, x, y, batch_size=2048):
         raise ValueError(f"evaluate: x and y must be tensors with one label per example, got "
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} and {type(y).__name__} "
                          f"{tuple(getattr(y, 'shape', ()))}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be a positive integer, got {batch_size!r}.")
-    y_max = int(y.max()) if isinstance(y, torch.Tensor) and y.numel() and not y.is_floating_point() else None
+    check_positive_int(batch_size, "batch_size", where="evaluate")
+    y_max = int(y.max()) if y.numel() and not y.is_floating_point() else None
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -176,11 +169,10 @@ def _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor
         if not hasattr(data, name):
             raise TypeError(f"data must have x_train, y_train, x_test and y_test (e.g. "
                             f"bn_course.data.load_digits_split()); it has no {name!r}.")
-    check_steps(steps)
+    check_positive_int(steps, "steps")
     if real_number(lr) is None or not real_number(lr) > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}.")
+    check_positive_int(eval_every, "eval_every")
     if not divergence_factor > 1:
         raise ValueError(f"divergence_factor must be > 1, got {divergence_factor!r}.")
 
@@ -211,7 +203,7 @@ def train(model, data, steps, lr, batch_size=60, optimizer="sgd", momentum=0.0, 
     check_model(model, "train")
     if next(iter(model.parameters()), None) is None:
         raise ValueError(f"train: model {type(model).__name__} has no parameters to train.")
-    check_steps(steps)  # before eval_every's default is computed from it
+    check_positive_int(steps, "steps")  # before eval_every's default is computed from it
     if eval_every is None:
         eval_every = max(1, steps // 50)
     _check_train_args(data, steps, lr, batch_size, eval_every, divergence_factor)
