@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from bn_course import seed_everything
+from bn_course._validate import check_positive_int
 from bn_course.covariate_shift import _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES
-from bn_course._validate import check_positive_int
 from bn_course.train import check_logits, check_model, real_number, train
 
 
@@ -43,8 +43,8 @@ def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
     check_model(model, "loss_and_gradient")
     params = [p for p in model.parameters() if p.requires_grad]
     out = model(x)
-    if loss_fn is F.cross_entropy and isinstance(y, torch.Tensor) and not y.is_floating_point():
-        check_logits(out, y, int(y.max()) if y.numel() else None, "loss_and_gradient")
+    if loss_fn is F.cross_entropy:
+        check_logits(out, y, "loss_and_gradient")
     loss = loss_fn(out, y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_course
+from bn_course._validate import check_positive_int
 from bn_course.data import batches
 from bn_course.fold import _is_batchnorm, bn_scale_shift, check_running_stats
 from bn_course.models import mlp
@@ -64,8 +65,7 @@ def precise_bn_stats(model, x, batch_size=512):
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"precise_bn_stats: x must hold at least one sample along axis 0, (N, ...), "
                          f"got shape {tuple(x.shape)}.")
-    if int(batch_size) < 1:
-        raise ValueError(f"precise_bn_stats: batch_size must be >= 1, got {batch_size}.")
+    check_positive_int(batch_size, "batch_size", where="precise_bn_stats")
     for bn in batchnorm_layers(model):  # every layer checked before any is changed
         check_running_stats(bn, "precise_bn_stats")
     was_training = model.training

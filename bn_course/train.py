@@ -108,11 +108,12 @@ def check_model(model, where, name="model"):
                         f"got {type(model).__name__}.")
 
 
-def check_logits(logits, y, y_max, where="evaluate"):
+def check_logits(logits, y, where):
     """The model's output on a batch must be logits (N, n_classes) for the N labels ``y``, with a
-    column for every label (n_classes > the largest label, ``y_max``), what F.cross_entropy needs."""
+    column for every label (n_classes > the largest label), what F.cross_entropy needs."""
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point():
         return  # not a vector of class labels: F.cross_entropy has its own message
+    y_max = int(y.max()) if y.numel() else None
     shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
     ok = (isinstance(logits, torch.Tensor) and logits.dim() == 2
           and logits.shape[0] == y.shape[0] and (y_max is None or logits.shape[1] > y_max))
@@ -135,7 +136,6 @@ def evaluate(model, x, y, batch_size=2048):
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} and {type(y).__name__} "
                          f"{tuple(getattr(y, 'shape', ()))}.")
     check_positive_int(batch_size, "batch_size", where="evaluate")
-    y_max = int(y.max()) if y.numel() and not y.is_floating_point() else None
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
@@ -143,7 +143,7 @@ def evaluate(model, x, y, batch_size=2048):
         for start in range(0, int(x.shape[0]), batch_size):
             logits = model(x[start:start + batch_size])
             yb = y[start:start + batch_size]
-            check_logits(logits, yb, y_max)
+            check_logits(logits, yb, "evaluate")
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
             correct += int((logits.argmax(dim=1) == yb).sum())
     finally:

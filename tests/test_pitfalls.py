@@ -62,7 +62,7 @@ def test_precise_bn_stats_rejects_bad_input_clearly():
         precise_bn_stats(model, torch.randn(0, 4))
     with pytest.raises(TypeError, match="floating-point.*torch.int64"):
         precise_bn_stats(model, torch.ones(5, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         precise_bn_stats(model, torch.randn(5, 4), batch_size=0)
     # one image holds 16 values per channel after the conv: enough
     conv = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
