@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_course import seed_everything
-from bn_course._validate import check_positive_int
+from bn_course._validate import check_num_features, check_positive_int
 from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES, named_weight_layers
-from bn_course.train import real_number, train
-
+from bn_course.train import check_model, real_number, train
 
 
 def _check_model_input(model, x):
@@ -44,8 +43,7 @@ def _check_model_input(model, x):
     flattens first). For a first Conv layer the shape is not checked (the course's CNN accepts flat
     rows or images).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    check_model(model)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch tensor, got {type(x).__name__}.")
     if not x.is_floating_point():
@@ -175,8 +173,7 @@ class NoisyShift(nn.Module):
 
     def __init__(self, num_features, max_shift=1.0, max_scale=2.0, generator=None):
         super().__init__()
-        if not (isinstance(num_features, int) and num_features > 0):
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}.")
+        check_num_features(num_features)
         shift, scale = real_number(max_shift), real_number(max_scale)
         if shift is None or not 0 <= shift < math.inf:
             raise ValueError(f"max_shift must be >= 0 and finite, got {max_shift!r}.")

@@ -98,13 +98,14 @@ class History:
         }
 
 
-def check_model(model, where, name="model"):
+def check_model(model, where=None, name="model"):
     """``model`` must be a torch.nn.Module (its train/eval mode and parameters are used).
 
-    ``name``: the argument's name for the message (e.g. "model_a").
+    ``where``: the function that asks, ``name``: the argument's name (e.g. "model_a"), for the message.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: {name} must be a torch.nn.Module (e.g. bn_course.models.mlp(...)), "
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}{name} must be a torch.nn.Module (e.g. bn_course.models.mlp(...)), "
                         f"got {type(model).__name__}.")
 
 
