@@ -254,3 +254,17 @@ def test_readme_claims_ledger_is_the_rendered_one():
     claims = pytest.importorskip("bn_course.claims")
     assert _block("claims").strip() == claims.ledger_markdown(link_prefix="notebooks/").strip(), \
         "regenerate with `python -m bn_course.report --only-ledger --update-readme`"
+
+
+def test_no_figure_or_render_is_committed():
+    """Every figure the course shows is drawn by the reader's own run: none is stored in the repository.
+
+    A stray render (a folder of cell PNGs) once landed in the repository's root by accident.
+    """
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files cannot be listed")
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    files = tracked.stdout.split()
+    assert files, "git ls-files listed nothing"
+    images = [f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf"))]
+    assert not images, f"committed images (figures come from the reader's run): {images}"
