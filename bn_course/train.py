@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bn_course._validate import check_positive_int, real_number
-from bn_course.data import batches
+from bn_course.data import batches, check_class_labels
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -136,6 +136,10 @@ def evaluate(model, x, y, batch_size=2048):
         raise ValueError(f"evaluate: x and y must be tensors with one label per example, got "
                          f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))} and {type(y).__name__} "
                          f"{tuple(getattr(y, 'shape', ()))}.")
+    try:
+        check_class_labels(y)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"evaluate: {err}") from None
     check_positive_int(batch_size, "batch_size", where="evaluate")
     was_training = model.training
     model.eval()

@@ -170,3 +170,16 @@ def test_evaluate_names_bad_data_and_batch_size():
         evaluate(model, x, y[:5])
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         evaluate(model, x, y, batch_size=0)
+
+
+def test_evaluate_rejects_labels_that_are_not_class_indices():
+    from torch import nn
+    model, x = nn.Linear(4, 3), torch.randn(3, 4)
+    for y in (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0, 1, 2], dtype=torch.int32)):
+        with pytest.raises(TypeError, match=r"^evaluate: y must be a 1-D int64 tensor of class labels .*"
+                                            rf"dtype {y.dtype}.*y\.long\(\)"):
+            evaluate(model, x, y)
+    with pytest.raises(TypeError, match=r"^evaluate: y must be a 1-D int64 tensor .*of shape \(3, 1\)"):
+        evaluate(model, x, torch.tensor([[0], [1], [2]]))
+    with pytest.raises(ValueError, match=r"^evaluate: labels must be >= 0, got values from -1 to 2"):
+        evaluate(model, x, torch.tensor([-1, 0, 2]))
