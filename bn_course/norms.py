@@ -32,7 +32,7 @@ from torch import nn
 
 import bn_course
 from bn_course._validate import check_enough_values as check_bn_values
-from bn_course._validate import check_bool, check_eps, check_num_features
+from bn_course._validate import check_bool, check_eps, check_num_features, check_positive_int, real_number
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
@@ -349,8 +349,10 @@ class BatchRenorm(BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, r_max=3.0, d_max=5.0):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
-        if r_max < 1 or d_max < 0:
-            raise ValueError(f"BatchRenorm needs r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}.")
+        r, d = real_number(r_max), real_number(d_max)
+        if r is None or d is None or not 1 <= r < math.inf or not 0 <= d < math.inf:
+            raise ValueError(f"BatchRenorm needs numbers r_max >= 1 and d_max >= 0 (finite), got r_max={r_max!r}, "
+                             f"d_max={d_max!r}. r_max = 1 and d_max = 0 make it plain BatchNorm.")
         self.r_max, self.d_max = float(r_max), float(d_max)
 
     def extra_repr(self):
@@ -391,8 +393,7 @@ class GhostBatchNorm(BatchNorm):
 
     def __init__(self, num_features, ghost_batch_size=32, eps=1e-5, momentum=0.1, affine=True):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
-        if int(ghost_batch_size) < 1:
-            raise ValueError(f"GhostBatchNorm needs ghost_batch_size >= 1, got {ghost_batch_size}.")
+        check_positive_int(ghost_batch_size, "ghost_batch_size", "samples per ghost batch", where="GhostBatchNorm")
         self.ghost_batch_size = int(ghost_batch_size)
 
     def extra_repr(self):

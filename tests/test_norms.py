@@ -1,5 +1,8 @@
 """bn_course.norms against torch.nn: outputs, gradients, buffers, and clear errors."""
 
+import math
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -171,8 +174,11 @@ def test_batch_renorm_gradient_treats_r_and_d_as_constants(seed):
 
 
 def test_batch_renorm_bad_limits():
-    with pytest.raises(ValueError, match="r_max >= 1"):
-        BatchRenorm(3, r_max=0.5)
+    for kwargs in ({"r_max": 0.5}, {"d_max": -1.0}, {"r_max": "3"}, {"d_max": None}, {"r_max": math.inf},
+                   {"d_max": math.nan}, {"r_max": True}):
+        with pytest.raises(ValueError, match=r"^BatchRenorm needs numbers r_max >= 1 and d_max >= 0 \(finite\)"):
+            BatchRenorm(3, **kwargs)
+    assert BatchRenorm(3, r_max=torch.tensor(2.0), d_max=1).r_max == 2.0  # any real number is fine
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
@@ -229,8 +235,10 @@ def test_ghost_bn_checks_every_ghost_batch_up_front():
     layer = GhostBatchNorm(4, ghost_batch_size=1)  # one sample, but 3 values per channel: fine
     assert layer(torch.randn(8, 4, 3)).shape == (8, 4, 3) and int(layer.num_batches_tracked) == 8
     assert GhostBatchNorm(4, ghost_batch_size=32).eval()(torch.randn(33, 4)).shape == (33, 4)
-    with pytest.raises(ValueError, match="ghost_batch_size >= 1, got -2"):
-        GhostBatchNorm(4, ghost_batch_size=-2)
+    for bad in (-2, 0, 2.7, True, "4", None):
+        with pytest.raises(ValueError, match=rf"^GhostBatchNorm: ghost_batch_size must be a positive integer "
+                                             rf"\(samples per ghost batch\), got {re.escape(repr(bad))}\."):
+            GhostBatchNorm(4, ghost_batch_size=bad)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def test_bad_input_is_rejected_clearly():
         BatchRenorm(4)(torch.randn(1, 4))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         GhostBatchNorm(4, ghost_batch_size=4)(torch.randn(9, 4))  # the last ghost batch has 1 sample
-    with pytest.raises(ValueError, match="ghost_batch_size >= 1"):
+    with pytest.raises(ValueError, match="ghost_batch_size must be a positive integer"):
         GhostBatchNorm(4, ghost_batch_size=0)
 
 
