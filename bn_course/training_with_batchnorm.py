@@ -44,7 +44,7 @@ from bn_course.data import batches, load_digits_split
 from bn_course.models import cnn, mlp
 from bn_course.recording import PercentileTracker, layer_norms
 from bn_course.sweep import select
-from bn_course.train import evaluate, real_number, train
+from bn_course.train import evaluate, is_divergent, real_number, train
 
 _DATA = {}
 
@@ -190,7 +190,8 @@ def split_lr_run(seed, depth=8, lr=10.0, lr_unprotected=1.0, steps=200, device=N
     The weights of the linear layers that feed a BN layer (``linear1``, ``linear2``, ...) get
     ``lr``; the parameters that BN does not make scale invariant (its own ``gamma`` and ``beta``,
     and the last layer ``out``) get ``lr_unprotected``. Returns ``final_accuracy`` (test set,
-    after ``steps`` steps) and ``diverged`` (a NaN or infinite loss).
+    after ``steps`` steps) and ``diverged`` (``train()``'s rule: a NaN or infinite loss, or one
+    over 10 times the first).
     """
     bn_course.seed_everything(seed)
     data = digits(device)
@@ -199,11 +200,14 @@ def split_lr_run(seed, depth=8, lr=10.0, lr_unprotected=1.0, steps=200, device=N
     unprotected = [p for name, p in model.named_parameters() if not name.startswith("linear")]
     optimizer = torch.optim.SGD([{"params": normalized, "lr": lr}, {"params": unprotected, "lr": lr_unprotected}])
     stream = batches(data.x_train, data.y_train, batch_size=60, seed=seed)
+    first_loss = None
     for _ in range(steps):
         x, y = next(stream)
         loss = F.cross_entropy(model(x), y)
-        if not torch.isfinite(loss):
+        loss_value = loss.item()
+        if is_divergent(loss_value, first_loss, 10.0):  # train()'s rule: NaN, inf or 10x the first loss
             return {"final_accuracy": evaluate(model, data.x_test, data.y_test)[1], "diverged": True}
+        first_loss = loss_value if first_loss is None else first_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
