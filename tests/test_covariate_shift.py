@@ -203,10 +203,10 @@ def test_notebook_06_conclusions_for_other_seeds(seed):
     assert angle["batch"] > 0.8 * angle["none"], angle
     assert rel["batch"] > 0.8 * rel["none"], rel
     assert rel["batch"] > 0.8 * rel["none he"], rel
-    # 2. noisy BN: far more drift, yet it keeps most of its lead; the noise slows BN and the He network alike
+    # 2. noisy BN: far more drift, yet it keeps most of its lead; the noise slows BN and the He network by comparable factors
     drift = {v: r["drift"] for v, r in runs.items()}
     assert drift["noisy batch"] > 5 * drift["batch"], drift
-    assert drift["noisy batch"] > 2 * drift["none"] and drift["noisy batch"] > 2 * drift["none he"], drift
+    assert drift["noisy batch"] > 3 * drift["none"] and drift["noisy batch"] > 3 * drift["none he"], drift  # the notebook says "more than three times"
     assert drift["noisy none he"] > 0.8 * drift["noisy batch"], drift
     steps90 = {v: r["history"].steps_to(0.9) for v, r in runs.items()}
     assert None not in (steps90["noisy batch"], steps90["none"], steps90["none he"]), steps90
