@@ -89,7 +89,7 @@ def _never_raises(checker):
         try:
             return checker(fn)
         except Exception as err:  # noqa: BLE001
-            print(f"Not quite. Checking your answer failed with {type(err).__name__}: {err}. "
+            print(f"Not quite: checking your answer failed with {type(err).__name__}: {err}. "
                   "Look at what your function returns (type, shape, dtype).")
             return False
     return wrapper
@@ -112,7 +112,7 @@ def _not_attempted(what, returned_none=False):
 
 
 def _fail(message):
-    print("Not quite. " + message)
+    print("Not quite: " + message)
     return False
 
 
@@ -378,9 +378,9 @@ def check_batchnorm_forward(fn):
             if problem:
                 found = _diagnose(out, _forward_mistakes(x, gamma, beta, eps))
                 if found:
-                    return _fail(f"On an input of shape {shape}: {found[0]}: {found[1]}")
+                    return _fail(f"on an input of shape {shape}: {found[0]}: {found[1]}")
                 hint = SPATIAL_HINT if len(shape) > 2 else ""
-                return _fail(f"On an input of shape {shape}: {problem} Check the four steps: "
+                return _fail(f"on an input of shape {shape}: {problem} Check the four steps: "
                              "mean, biased variance, x_hat = (x - mu) / sqrt(var + eps), "
                              "gamma * x_hat + beta, per channel." + hint)
             if not np.array_equal(x_in, x):
@@ -411,7 +411,7 @@ def check_batchnorm_forward(fn):
                             b32.astype(np.float64), 1e-5)
         problem = _compare(arr, expected, "out", rtol=FLOAT32_RTOL, atol=FLOAT32_ATOL)
         if problem:
-            return _fail(f"On a float32 input of shape {shape} (eps=1e-5): {problem} Your function "
+            return _fail(f"on a float32 input of shape {shape} (eps=1e-5): {problem} Your function "
                          "is right on float64 input: does it treat float32 input differently?")
     except _NotAttempted as stub:
         return _not_attempted("the forward pass", stub.returned_none)
@@ -694,7 +694,7 @@ def check_running_stats_update(fn):
                 problems = [p for p in (_compare(r, e, n) for r, e, n in
                                         zip(result, expected, ("new_mean", "new_var"))) if p]
                 if problems:
-                    where = f"Step {step + 1} with momentum={momentum} on x of shape {shape}: "
+                    where = f"step {step + 1} with momentum={momentum} on x of shape {shape}: "
                     if any(_is_structural(p) for p in problems):
                         return _fail(where + " ".join(p for p in problems if _is_structural(p)))
                     mistakes = _running_mistakes(running_mean, running_var, x, momentum)
@@ -953,7 +953,7 @@ def check_fold_linear(fn):
         mu = torch.randn(C_out, generator=g, dtype=torch.float64) + 1.0
         var = torch.rand(C_out, generator=g, dtype=torch.float64) * 2 + 0.5
         args = [t.clone() for t in (W, c, gamma, beta, mu, var)]
-        where = f"With W of shape {(C_out, C_in)}: "
+        where = f"with W of shape {(C_out, C_in)}: "
         try:
             result = _call(fn, *args, eps)
         except _NotAttempted as stub:

@@ -131,7 +131,7 @@ def test_forward_names_each_mistake(name, capsys):
     (lambda x, g, b, eps: forward_good(x, g, b, eps).tolist(), "Python list"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps).astype(np.float64), "float32 input gave a float64"),
     (lambda x, g, b, eps: np.zeros_like(x) if x.dtype == np.float32 else forward_good(x, g, b, eps),
-     "On a float32 input of shape (5, 3) (eps=1e-5): out differs from the reference"),
+     "on a float32 input of shape (5, 3) (eps=1e-5): out differs from the reference"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps).astype(np.float32), "float64 input gave a float32 output"),
     (lambda x, g, b, eps: torch.from_numpy(forward_good(x, g, b, eps)), "fn returned a torch tensor"),
     (lambda x, g, b, eps: forward_good(x, g, b, eps) + 1e-3, "largest absolute difference"),
@@ -472,7 +472,7 @@ def test_function_backward_stub_is_not_attempted(capsys):
                                   "gamma and beta swapped", "per sample, across the channels"])
 def test_function_names_forward_mistakes(name, capsys):
     ok, out = run(checks.check_batchnorm_function, make_function(forward_fn=FORWARD_MISTAKES[name]), capsys)
-    assert not ok and name in out and out.startswith("Not quite. forward"), out
+    assert not ok and name in out and out.startswith("Not quite: forward"), out
 
 
 @pytest.mark.parametrize("name", ["no gradient through the mean", "no gradient through the mean and the variance",
@@ -547,7 +547,7 @@ def test_function_forward_raising_or_returning_junk(capsys):
 
     for cls in (Raises, Tuple):
         ok, out = run(checks.check_batchnorm_function, cls, capsys)
-        assert not ok and out.startswith("Not quite."), out
+        assert not ok and out.startswith("Not quite:"), out
 
 
 def learner_function(forward_body, backward_body=None):
@@ -631,7 +631,7 @@ def test_function_names_eps_outside_the_root_in_backward_only(capsys):
 
     cls = learner_function(forward_saving_x, backward_eps_outside)
     ok, out = run(checks.check_batchnorm_function, cls, capsys)
-    assert not ok and out.startswith("Not quite. backward"), out
+    assert not ok and out.startswith("Not quite: backward"), out
     assert ": epsilon outside the square root:" in out, out
 
 
@@ -690,9 +690,9 @@ class Hostile:
                                      checks.check_running_stats_update])
 def test_hostile_return_values_do_not_escape(checker, capsys):
     ok, out = run(checker, lambda *args: Hostile(), capsys)
-    assert not ok and out.startswith("Not quite."), out
+    assert not ok and out.startswith("Not quite:"), out
     ok, out = run(checker, lambda *args: (Hostile(), Hostile(), Hostile()), capsys)
-    assert not ok and out.startswith("Not quite."), out
+    assert not ok and out.startswith("Not quite:"), out
 
 
 def test_last_line_of_defence(capsys):
