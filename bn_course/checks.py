@@ -44,7 +44,7 @@ __all__ = [
 
 # float64 inputs: a correct answer agrees to ~1e-12; every named mistake differs by > 1e-2.
 RTOL, ATOL = 1e-5, 1e-7
-# Recognising a mistake is looser: e.g. "eps ignored" may mean eps=0 or a hard-coded 1e-5.
+# Recognizing a mistake is looser: e.g. "eps ignored" may mean eps=0 or a hard-coded 1e-5.
 MISTAKE_RTOL, MISTAKE_ATOL = 1e-4, 1e-4
 
 
@@ -262,7 +262,7 @@ def _forward(x, gamma, beta, eps, axes=None, ddof=0, eps_mode="inside", swap=Fal
 
 
 def _forward_mistakes(x, gamma, beta, eps):
-    """(name, explanation, output) for each recognised mistake on this input."""
+    """(name, explanation, output) for each recognized mistake on this input."""
     n = x.ndim
     good = _axes_but_1(n)
     out = [
@@ -462,7 +462,7 @@ def _backward(dout, x, gamma, eps, ddof=0, eps_mode="inside", through_mu=True, t
 
 
 def _backward_mistakes(dout, x, gamma, eps):
-    """(name, explanation, (dx, dgamma, dbeta)) for each recognised mistake."""
+    """(name, explanation, (dx, dgamma, dbeta)) for each recognized mistake."""
     return [
         ("no gradient through the mean and the variance",
          "your dx is gamma * dout / sqrt(var + eps), as if mu and var were constants. They are "

@@ -6,7 +6,7 @@ own copies with other seeds, so the notebook's claims hold for every seed.
 
 - ``make_batches`` and ``track_running_stats``: bugs 1 and 2 (biased running variance,
   momentum reversed), on a stream of ``(N, C)`` batches;
-- ``eval_std_during_training``: bug 3 (running variance initialised to zero);
+- ``eval_std_during_training``: bug 3 (running variance initialized to zero);
 - ``shift_experiment``: bug 4 (statistics computed without gradient);
 - ``spatial_pattern_images`` and ``pattern_left_after``: bug 5 (normalizing over the wrong axes).
 """

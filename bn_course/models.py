@@ -31,7 +31,7 @@ The module names (``linear1``, ``norm1``, ``act1``, ..., ``out``) are what
 ``bn_course.recording`` reports layers by.
 
 ``NORM_COLORS`` maps each normalization variant the notebooks plot (the ``norm`` names
-above, plus ``"renorm"`` for Batch Renormalization) to its matplotlib colour.
+above, plus ``"renorm"`` for Batch Renormalization) to its matplotlib color.
 """
 
 import math
@@ -44,7 +44,7 @@ from bn_course._validate import check_num_features, check_positive_int, real_num
 from bn_course.train import check_model
 
 NORMS = ("none", "batch", "layer", "group")
-# The course's one colour convention for plotting normalization variants (tab:orange: "without BN, He init").
+# The course's one color convention for plotting normalization variants (tab:orange: "without BN, He init").
 NORM_COLORS = {"none": "tab:red", "batch": "tab:blue", "layer": "tab:green", "group": "tab:purple", "renorm": "tab:brown"}
 POSITIONS = ("before", "after")
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity}

@@ -6,7 +6,7 @@
   written by hand.
 - ``BatchNorm``: an ``nn.Module``, a drop-in replacement for ``torch.nn.BatchNorm1d/2d/3d``
   for any input rank >= 2: same outputs, gradients, running buffers, evaluation
-  behaviour and ``state_dict`` keys, so state dicts load both ways.
+  behavior and ``state_dict`` keys, so state dicts load both ways.
 
 Shapes: ``x`` is ``(N, C)`` or ``(N, C, *spatial)``; statistics are per channel, over
 every dim except 1; ``m = N * prod(spatial)`` values per channel; ``gamma``, ``beta``,

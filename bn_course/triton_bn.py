@@ -47,7 +47,7 @@ from bn_course.torch_bn import BatchNorm, check_input, check_params
 # The kernels use only Triton's built-in operations (tl.full, tl.reduce, ...), not its library functions
 # written in Triton (tl.zeros, tl.sum): those are compiled-only unless TRITON_INTERPRET=1 was set before
 # triton was imported, and we want both modes in one process. _add is tl.sum's own combine function
-# (the interpreter recognises it and sums with NumPy).
+# (the interpreter recognizes it and sums with NumPy).
 _add = tl.standard._sum_combine
 
 BLOCK = 1024      # values a program loads at once (its loop runs over a row in BLOCKs)

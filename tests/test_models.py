@@ -78,7 +78,7 @@ def test_cnn_bad_input():
         cnn()(torch.randn(2, 10))
 
 
-def test_norm_colors_are_distinct_matplotlib_colours():
+def test_norm_colors_are_distinct_matplotlib_colors():
     from matplotlib.colors import is_color_like, to_rgba
 
     assert {"none", "batch", "layer", "group", "renorm"} <= set(NORM_COLORS)
