@@ -65,7 +65,7 @@ def standardize(x_train, x_test):
     """Subtract the training mean and divide by the training std, pixel by pixel.
 
     Pixels that are constant in the training set (std 0, e.g. some corners) are only
-    centred: their std is replaced by 1 so nothing is divided by zero.
+    centered: their std is replaced by 1 so nothing is divided by zero.
     x_train: (N_train, D), x_test: (N_test, D) -> (x_train, x_test, mean (D,), std (D,))
     """
     mean = x_train.mean(axis=0)

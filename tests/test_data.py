@@ -15,7 +15,7 @@ def test_shapes_and_dtypes():
 
 def test_standardized_with_training_statistics():
     d = load_digits_split()
-    varying = d.std != 1  # constant pixels are only centred
+    varying = d.std != 1  # constant pixels are only centered
     assert torch.allclose(d.x_train.mean(0), torch.zeros(64), atol=1e-5)
     assert torch.allclose(d.x_train[:, varying].std(0, unbiased=False), torch.ones(int(varying.sum())), atol=1e-4)
     assert d.x_test.mean(0).abs().max() > 1e-3  # the test set was not standardized with its own mean
