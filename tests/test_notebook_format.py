@@ -34,13 +34,14 @@ def test_opens_with_title_goals_prerequisites_and_run_time(nb):
     assert first.cell_type == "markdown"
     text = first.source
     assert text.lstrip().startswith("# "), "the first cell starts with the notebook's title"
-    for needle in ("You will learn", "Prerequisites", "Run time"):
-        assert needle in text, f"the first cell names '{needle}'"
+    for needle in ("**You will learn**", "**Prerequisites**: ", "**Run time**: "):
+        assert needle in text, f"the first cell names '{needle}', written so (the same in every notebook)"
 
 
 def test_closes_with_summary_and_next(nb):
     last_md = [c for c in nb.cells if c.cell_type == "markdown"][-1].source
-    assert "Summary" in last_md and "Next" in last_md, "the last markdown cell has a Summary and what comes Next"
+    assert "## Summary" in last_md and "**Next**: " in last_md, \
+        "the last markdown cell has a '## Summary' and what comes '**Next**: ' (the same in every notebook)"
 
 
 def test_is_seeded(nb):
