@@ -5,7 +5,7 @@ Each claim names the notebook that tests it and carries a ``verdict``:
 - ``"confirmed"`` -- the experiment shows it, for every seed we tried;
 - ``"contested"`` -- true in part, or only under some settings, or the evidence is mixed;
 - ``"refuted"``   -- the experiment shows the opposite, or the claimed mechanism is not what happens;
-- ``None``        -- not tested yet (the notebook is still being written).
+- ``None``        -- not tested yet: a claim added to the ledger before its experiment is written.
 
 How a verdict gets here: the notebook that tests a claim runs its experiment,
 decides the verdict from the numbers it just computed, and then calls
@@ -29,7 +29,7 @@ class Claim:
     kind:      "motivation" (why normalize at all), "benefit", "explanation" (why it works)
                or "limitation"
     notebook:  file stem of the notebook that tests it, e.g. "05_training_with_batchnorm"
-    section:   the heading, in that notebook, of the section that tests it (None until written)
+    section:   the heading, in that notebook, of the section that tests it (None until it is written)
     verdict:   "confirmed", "contested", "refuted", or None (not tested yet)
     """
 
@@ -197,11 +197,6 @@ def get_claim(claim_id, claims=CLAIMS):
             return claim
     known = ", ".join(c.id for c in claims)
     raise KeyError(f"no claim with id {claim_id!r} in the ledger (bn_course/claims.py). Known ids: {known}.")
-
-
-def claims_for(notebook, claims=CLAIMS):
-    """The claims a notebook tests, by its file stem (e.g. "05_training_with_batchnorm")."""
-    return [c for c in claims if c.notebook == notebook]
 
 
 def assert_verdict(claim_id, observed, claims=CLAIMS):

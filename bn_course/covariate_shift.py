@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_course import seed_everything
-from bn_course._validate import check_num_features, check_positive_int
+from bn_course._validate import check_num_features, check_positive_int, real_number
 from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES, named_weight_layers
-from bn_course.train import check_model, real_number, train
+from bn_course.train import check_model, train
 
 
 def _check_model_input(model, x):

@@ -8,13 +8,14 @@ API overview
     pixel (so no test information leaks into training); ``y_*``: int64 ``(N,)`` in 0..9.
     ``n_train`` keeps only that many training examples (a stratified subset), for
     experiments on small training sets.
-``as_images(x) -> (N, 1, 8, 8)``
-    The same numbers seen as one-channel 8x8 images, for convolutional models.
 ``batches(x, y, batch_size, seed=0) -> iterator of (x_batch, y_batch)``
     An endless stream of minibatches: each epoch is a fresh permutation drawn from a
     ``torch.Generator`` seeded with ``seed``, so the order is the same on every run.
     Incomplete batches at the end of an epoch are dropped, so every batch has
     ``batch_size`` rows (batch norm needs more than one value per channel).
+``check_class_labels(y, n_classes=None, n=None, outputs=None)``
+    Raises a clear error unless ``y`` is what ``F.cross_entropy`` expects: a 1-D int64 tensor
+    of labels in 0..n_classes-1 (n of them, when ``n`` is given).
 """
 
 from dataclasses import dataclass
@@ -105,17 +106,6 @@ def load_digits_split(test_fraction=0.25, seed=0, device=None, n_train=None):
         std=torch.tensor(std, dtype=torch.float32),
     )
     return split.to(device) if device is not None else split
-
-
-def as_images(x):
-    """(N, 64) flat digits -> (N, 1, 8, 8) one-channel images (a view, no copy)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"as_images expects a torch.Tensor, got {type(x).__name__}.")
-    if x.dim() == 4 and tuple(x.shape[1:]) == IMAGE_SHAPE:
-        return x
-    if x.dim() != 2 or x.shape[1] != 64:
-        raise ValueError(f"as_images expects flat digits of shape (N, 64), got shape {tuple(x.shape)}.")
-    return x.reshape(-1, *IMAGE_SHAPE)
 
 
 def check_class_labels(y, n_classes=None, n=None, outputs=None):

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from bn_course import seed_everything
-from bn_course._validate import check_positive_int
+from bn_course._validate import check_positive_int, real_number
 from bn_course.covariate_shift import _check_model_input
 from bn_course.data import check_class_labels, load_digits_split
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.pitfalls import precise_bn_stats
-from bn_course.train import evaluate, real_number, train
+from bn_course.train import evaluate, train
 
 DROPOUT_PLACES = ("none", "before_bn", "after_bn")
 

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from bn_course import seed_everything
-from bn_course._validate import check_positive_int
+from bn_course._validate import check_positive_int, real_number
 from bn_course.covariate_shift import _check_model_and_batch, _digits
 from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES
-from bn_course.train import check_logits, check_model, real_number, train
+from bn_course.train import check_logits, check_model, train
 
 
 def loss_and_gradient(model, x, y, loss_fn=F.cross_entropy):
@@ -160,9 +160,12 @@ def weight_norm(layer):
 
 
 def effective_learning_rate(lr, norm):
-    """The step size a scale-invariant weight really takes: ``lr / ||W||^2``."""
-    if norm <= 0:
-        raise ValueError(f"the weight norm must be positive, got {norm}.")
+    """The step size a scale-invariant weight really takes: ``lr / ||W||^2``.
+
+    norm: a number or a tensor of norms (any shape) -> the same shape."""
+    smallest = float(norm.min()) if isinstance(norm, torch.Tensor) and norm.numel() else real_number(norm)
+    if smallest is None or not smallest > 0:
+        raise ValueError(f"the weight norm must be positive, got {norm!r}.")
     return lr / norm ** 2
 
 
@@ -236,4 +239,4 @@ def weight_norm_experiment(seed=0, steps=400, lr=0.1, weight_decay=0.0, hidden=(
                     progress=progress, callback=record, eval_every=max(1, steps // 20))
     norms = torch.tensor(recorder.norms, dtype=torch.float64)
     return {"layers": [n for n, _ in feeding], "norms": norms, "grad_norms": torch.tensor(grad_norms, dtype=torch.float64),
-            "effective_lr": lr / norms ** 2, "history": history}
+            "effective_lr": effective_learning_rate(lr, norms), "history": history}

@@ -10,7 +10,8 @@ norm="none", norm_position="before", init_scale=None, groups=4) -> nn.Sequential
     The last layer is ``out``. With ``norm="none"`` there is no ``norm{i}``.
 ``cnn(in_channels=1, channels=(16, 32), out_features=10, activation="relu", norm="none",
 norm_position="before", init_scale=None, groups=4, image_size=8) -> nn.Sequential``
-    ``images`` (accepts (N, 64) or (N, 1, 8, 8)), then per block ``conv{i} -> norm{i} -> act{i}
+    ``images`` (accepts flat ``(N, in_channels * image_size**2)`` rows, e.g. the digits' (N, 64),
+    or ``(N, in_channels, image_size, image_size)``), then per block ``conv{i} -> norm{i} -> act{i}
     -> pool{i}`` (3x3 convolutions, 2x2 max pooling), then ``gap`` (global average
     pooling), ``flatten`` and the linear ``out``.
 
@@ -26,6 +27,12 @@ Options shared by both:
   every weight (hidden and output layers) from ``N(0, s**2 / fan_in)`` and sets biases
   to zero. ``s = 1`` keeps the variance of a linear layer's output equal to that of its
   input; ``s = sqrt(2)`` does so for ReLU layers (He initialization).
+
+``norm_layer(norm, num_features, groups=4, spatial=False)``
+    The normalization module for one of the ``norm`` names below (None for ``"none"``).
+``scale_init_(model, init_scale) -> model``
+    Draws every ``nn.Linear`` and ``nn.Conv2d`` weight from ``N(0, init_scale**2 / fan_in)`` and
+    zeroes their biases, in place.
 
 The module names (``linear1``, ``norm1``, ``act1``, ..., ``out``) are what
 ``bn_course.recording`` reports layers by.
@@ -94,7 +101,7 @@ def norm_layer(norm, num_features, groups=4, spatial=False):
 
 
 def scale_init_(model, init_scale):
-    """Draw every Linear/Conv weight from N(0, init_scale**2 / fan_in); zero the biases."""
+    """Draw every nn.Linear and nn.Conv2d weight from N(0, init_scale**2 / fan_in); zero their biases."""
     check_model(model, "scale_init_")
     scale = real_number(init_scale)
     if scale is None or not 0 <= scale < math.inf:
@@ -191,7 +198,3 @@ def cnn(in_channels=1, channels=(16, 32), out_features=10, activation="relu", no
     return scale_init_(model, init_scale) if init_scale is not None else model
 
 
-def count_parameters(model):
-    """The number of trainable numbers in ``model``."""
-    check_model(model, "count_parameters")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -2,6 +2,9 @@
 
 API overview
 ------------
+``named_activations(model)``, ``named_weight_layers(model)`` -> ``{name: module}``
+    The activation modules (ReLU, Sigmoid, Tanh) and the weight layers (Linear, Conv) of
+    ``model``, in order: the names the functions below report layers by.
 ``preserved_buffers(model)``
     Context manager: the running statistics (every buffer) are put back on exit, so a
     measurement in training mode does not change what the model will do later.

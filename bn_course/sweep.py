@@ -11,10 +11,6 @@ API overview
     row per run, "tidy", ready to filter and plot.
 ``select(rows, **where) -> list of dict``
     The rows whose columns equal the given values, e.g. ``select(rows, norm="batch")``.
-``summarize(rows, by, value) -> list of dict``
-    One row per distinct combination of the ``by`` columns with the ``mean``, ``min``,
-    ``max``, ``median`` and ``n`` of ``value`` over the seeds (NaN values ignored,
-    ``n`` counts the rest).
 ``column(rows, name) -> list``
     One column of the table.
 
@@ -23,8 +19,6 @@ The experiments themselves live with the notebook that runs them (e.g.
 """
 
 import itertools
-import math
-import statistics
 
 from tqdm.auto import tqdm
 
@@ -74,17 +68,3 @@ def column(rows, name):
         raise KeyError(f"no column {name!r}; the rows have {sorted(rows[0]) if rows else []}.") from None
 
 
-def summarize(rows, by, value):
-    """Mean, min, max, median and count of ``value`` for each distinct combination of ``by``."""
-    by = (by,) if isinstance(by, str) else tuple(by)
-    groups = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in by), []).append(r[value])
-    out = []
-    for key, values in groups.items():
-        finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-        stats = {"mean": statistics.fmean(finite), "min": min(finite), "max": max(finite),
-                 "median": statistics.median(finite)} if finite else \
-            {"mean": math.nan, "min": math.nan, "max": math.nan, "median": math.nan}
-        out.append({**dict(zip(by, key)), **stats, "n": len(finite)})
-    return out

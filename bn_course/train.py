@@ -27,6 +27,14 @@ eval_train=True) -> History``
     ``steps``, ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy`` (one
     entry per evaluation), ``batch_loss`` (one per step), ``diverged``, ``diverged_step``,
     ``seconds``, ``extra``; ``steps_to(accuracy)``, ``final_accuracy``, ``summary()``.
+``make_optimizer(model, optimizer, lr, momentum=0.0, weight_decay=0.0)``
+    The optimizer ``train`` uses: ``torch.optim.SGD`` or ``torch.optim.Adam``.
+``is_divergent(loss, first_loss, divergence_factor) -> bool``
+    ``train``'s divergence rule: a NaN or infinite loss, or one over ``divergence_factor``
+    times the first.
+``check_model(model, where=None, name="model")``, ``check_logits(logits, y, where)``
+    Clear errors, used across the package, for a model that is not an ``nn.Module`` and
+    for a model output that is not ``(N, n_classes)`` logits for the labels ``y``.
 """
 
 import math

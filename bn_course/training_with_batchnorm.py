@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 
 import bn_course
+from bn_course._validate import real_number
 from bn_course.data import batches, load_digits_split
 from bn_course.models import cnn, mlp
 from bn_course.recording import PercentileTracker, layer_norms
 from bn_course.sweep import select
-from bn_course.train import evaluate, is_divergent, real_number, train
+from bn_course.train import evaluate, is_divergent, train
 
 _DATA = {}
 

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 
 from bn_course import claims
-from bn_course.claims import CLAIMS, KINDS, VERDICTS, assert_verdict, claims_for, get_claim, ledger_markdown
+from bn_course.claims import CLAIMS, KINDS, VERDICTS, assert_verdict, get_claim, ledger_markdown
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -80,12 +80,6 @@ def test_get_claim_and_unknown_id():
     assert get_claim("reduces_ics").notebook == "06_why_does_it_work"
     with pytest.raises(KeyError, match="no claim with id 'nope'.*reduces_ics"):
         get_claim("nope")
-
-
-def test_claims_for_a_notebook():
-    found = claims_for("05_training_with_batchnorm")
-    assert found and all(c.notebook == "05_training_with_batchnorm" for c in found)
-    assert claims_for("99_nothing") == []
 
 
 def test_assert_verdict_agrees_and_disagrees():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bn_course.data import as_images, batches, check_class_labels, load_digits_split
+from bn_course.data import batches, check_class_labels, load_digits_split
 
 
 def test_shapes_and_dtypes():
@@ -33,13 +33,6 @@ def test_n_train_subset_is_stratified():
     assert torch.bincount(d.y_train, minlength=10).min() >= 18
 
 
-def test_as_images():
-    d = load_digits_split()
-    img = as_images(d.x_test)
-    assert img.shape == (450, 1, 8, 8)
-    assert torch.equal(img[5, 0, 2], d.x_test[5, 16:24])
-
-
 def test_batches_are_seeded_and_full():
     d = load_digits_split()
     s1, s2, s3 = (batches(d.x_train, d.y_train, 60, seed=s) for s in (0, 0, 1))
@@ -65,16 +58,12 @@ def test_bad_arguments(kwargs, match):
         load_digits_split(**kwargs)
 
 
-def test_bad_batch_and_image_input():
+def test_bad_batch_input():
     d = load_digits_split()
     with pytest.raises(ValueError, match="batch_size"):
         next(batches(d.x_train, d.y_train, 0))
     with pytest.raises(ValueError, match="same number of rows"):
         next(batches(d.x_train, d.y_test, 10))
-    with pytest.raises(ValueError, match=r"\(N, 64\)"):
-        as_images(torch.zeros(3, 10))
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        as_images([1, 2])
 
 
 def test_check_class_labels_names_each_mistake():

@@ -185,3 +185,11 @@ def test_weight_norm_experiment_names_bad_steps():
     for steps in (None, "400", 0):
         with pytest.raises(ValueError, match="steps must be a positive integer"):
             weight_norm_experiment(steps=steps)
+
+
+def test_effective_learning_rate_of_a_tensor_of_norms():
+    norms = torch.tensor([[1.0, 2.0], [4.0, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(effective_learning_rate(0.1, norms), 0.1 / norms ** 2)
+    for bad in (torch.tensor([1.0, 0.0]), torch.tensor([1.0, float("nan")]), -1.0, "2"):
+        with pytest.raises(ValueError, match="weight norm must be positive"):
+            effective_learning_rate(0.1, bad)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_course.models import NORM_COLORS, cnn, count_parameters, mlp
+from bn_course.models import NORM_COLORS, cnn, mlp
 
 
 @pytest.mark.parametrize("norm", ["none", "batch", "layer", "group"])
@@ -54,10 +54,6 @@ def test_init_scale_sets_the_weight_std():
         assert float(layer.bias.detach().abs().max()) == 0.0
 
 
-def test_count_parameters():
-    assert count_parameters(mlp(hidden=(10,), norm="batch")) == 64 * 10 + 2 * 10 + 10 * 10 + 10
-
-
 @pytest.mark.parametrize("kwargs, match", [
     ({"norm": "batchnorm"}, "norm must be one of"),
     ({"activation": "gelu"}, "activation must be one of"),
@@ -98,8 +94,6 @@ def test_bad_models_widths_and_groups_raise_clear_errors():
     from bn_course.models import norm_layer, scale_init_
     for bad in (None, [1.0, 2.0], "abc", torch.randn(4)):
         name = type(bad).__name__
-        with pytest.raises(TypeError, match=rf"^count_parameters: model must be a torch.nn.Module .*got {name}\."):
-            count_parameters(bad)
         with pytest.raises(TypeError, match=rf"^scale_init_: model must be a torch.nn.Module .*got {name}\."):
             scale_init_(bad, 1.0)
     for bad in (None, 100, 2.5, "abc"):
