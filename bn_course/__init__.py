@@ -1,6 +1,21 @@
 """bn_course: the helper package of the Batch Normalization course.
 
-Each module holds the final version of one idea the notebooks build in the open.
+Each module holds the final version of one idea the notebooks build in the open, and
+``tests/test_<module>.py`` checks it (against PyTorch where PyTorch has the same thing).
+Where each notebook's code lives:
+
+- 00 start here: ``claims`` (the ledger of claims the course tests)
+- 01 why normalize: ``activations``, ``widgets`` (the sliders of 01 and 02)
+- 02-03 deriving BN, BN in NumPy: ``numpy_bn``, ``checks`` (the exercise checkers)
+- 04 BN in PyTorch: ``torch_bn``, ``classic_bugs``
+- 05 training with BN: ``training_with_batchnorm``
+- 06 why does it work: ``covariate_shift``, ``landscape``
+- 07 regularization and noise: ``generalization``
+- 08 inference and pitfalls: ``pitfalls``, ``fold``
+- 09 beyond BN: ``norms``
+- 10 BN at scale: ``sync_bn``, ``launch``, ``bench``, ``fused_bn``, ``triton_bn``
+- shared by the notebooks: ``data``, ``models``, ``train``, ``sweep``, ``recording``, ``report``
+  (the run-time table) and ``_validate`` (the checks behind the clear error messages)
 """
 
 import os

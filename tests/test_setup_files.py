@@ -12,6 +12,7 @@ import urllib.parse
 from pathlib import Path
 
 import jsonschema
+import nbformat
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -268,3 +269,23 @@ def test_no_figure_or_render_is_committed():
     assert files, "git ls-files listed nothing"
     images = [f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf"))]
     assert not images, f"committed images (figures come from the reader's run): {images}"
+
+
+def test_package_map_names_every_module_once_and_each_notebook_uses_its_modules():
+    """bn_course's docstring says where each notebook's code lives; it must stay true."""
+    import bn_course
+
+    modules = sorted(p.stem for p in (REPO / "bn_course").glob("*.py") if p.stem != "__init__")
+    rows = re.findall(r"^- (\d\d(?:-\d\d)?|shared)[^:]*: (.*(?:\n  .*)*)", bn_course.__doc__, re.M)
+    named = {row: re.findall(r"``(\w+)``", text) for row, text in rows}
+    listed = sorted(m for names in named.values() for m in names)
+    assert listed == modules, "every module of bn_course is named exactly once in its docstring's map"
+    for row, names in named.items():
+        if row == "shared":
+            continue
+        first, last = (int(n) for n in (row.split("-") * 2)[:2])
+        code = "\n".join(c.source for p in EXISTING if first <= int(p.name[:2]) <= last
+                         for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code")
+        for module in names:
+            assert re.search(rf"\bbn_course\.{module}\b|from bn_course import[^\n]*\b{module}\b", code), \
+                f"notebook(s) {row} do not use bn_course.{module}, which the map places there"
