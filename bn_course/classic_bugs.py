@@ -4,7 +4,7 @@ The notebook writes each buggy variant in the open (a running-statistics update,
 normalization) and passes it to these helpers; ``tests/test_classic_bugs.py`` passes its
 own copies with other seeds, so the notebook's claims hold for every seed.
 
-- ``make_batches`` and ``track_running_stats``: bugs 1 and 2 (biased running variance,
+- ``make_batches`` and ``record_running_stats``: bugs 1 and 2 (biased running variance,
   momentum reversed), on a stream of ``(N, C)`` batches;
 - ``eval_std_during_training``: bug 3 (running variance initialized to zero);
 - ``shift_experiment``: bug 4 (statistics computed without gradient);
@@ -24,7 +24,7 @@ def make_batches(steps, batch_size, C, mean=0.0, var=1.0, seed=0, device=None, d
     return x.to(device)
 
 
-def track_running_stats(update, batches, momentum=0.1):
+def record_running_stats(update, batches, momentum=0.1):
     """Feed ``batches`` (steps, N, C) to ``update`` and record the running statistics.
 
     update(running_mean, running_var, x, momentum) -> (running_mean, running_var), all (C,)

@@ -62,7 +62,7 @@ def _check_fraction(test_fraction):
         raise ValueError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}.")
 
 
-def standardize(x_train, x_test):
+def standardize_pixels(x_train, x_test):
     """Subtract the training mean and divide by the training std, pixel by pixel.
 
     Pixels that are constant in the training set (std 0, e.g. some corners) are only
@@ -96,7 +96,7 @@ def load_digits_split(test_fraction=0.25, seed=0, device=None, n_train=None):
         if n_train < len(y_train):
             x_train, _, y_train, _ = train_test_split(
                 x_train, y_train, train_size=n_train, random_state=seed, stratify=y_train)
-    x_train, x_test, mean, std = standardize(x_train, x_test)
+    x_train, x_test, mean, std = standardize_pixels(x_train, x_test)
     split = DigitsSplit(
         x_train=torch.tensor(x_train, dtype=torch.float32),
         y_train=torch.tensor(y_train, dtype=torch.int64),

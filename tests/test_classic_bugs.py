@@ -48,7 +48,7 @@ def test_update_running_matches_pytorch_buffers():
         reference = nn.BatchNorm1d(3, momentum=0.3, dtype=torch.float64)
         for x in batches:
             reference(x)
-        means, variances = classic_bugs.track_running_stats(update_running, batches, momentum=0.3)
+        means, variances = classic_bugs.record_running_stats(update_running, batches, momentum=0.3)
         assert means.shape == variances.shape == (6, 3)
         torch.testing.assert_close(means[-1], reference.running_mean)
         torch.testing.assert_close(variances[-1], reference.running_var)
@@ -57,8 +57,8 @@ def test_update_running_matches_pytorch_buffers():
 @pytest.mark.parametrize("seed", SEEDS)
 def test_bug1_biased_running_variance_underestimates_and_inflates_eval_outputs(seed):
     batches = classic_bugs.make_batches(steps=300, batch_size=4, C=16, mean=3.0, var=4.0, seed=seed)
-    _, var_right = classic_bugs.track_running_stats(update_running, batches, momentum=0.02)
-    _, var_biased = classic_bugs.track_running_stats(update_running_biased, batches, momentum=0.02)
+    _, var_right = classic_bugs.record_running_stats(update_running, batches, momentum=0.02)
+    _, var_biased = classic_bugs.record_running_stats(update_running_biased, batches, momentum=0.02)
     assert 0.9 < float(var_right[-1].mean()) / 4 < 1.1
     assert 0.65 < float(var_biased[-1].mean()) / 4 < 0.85
     x_test = classic_bugs.make_batches(1, 4000, 16, mean=3.0, var=4.0, seed=seed + 1000)[0]
@@ -71,8 +71,8 @@ def test_bug1_biased_running_variance_underestimates_and_inflates_eval_outputs(s
 @pytest.mark.parametrize("seed", SEEDS)
 def test_bug2_reversed_momentum_makes_the_running_mean_follow_the_last_batch(seed):
     batches = classic_bugs.make_batches(steps=200, batch_size=16, C=16, mean=3.0, var=4.0, seed=seed)
-    mean_right, _ = classic_bugs.track_running_stats(update_running, batches, momentum=0.1)
-    mean_reversed, _ = classic_bugs.track_running_stats(update_running_reversed, batches, momentum=0.1)
+    mean_right, _ = classic_bugs.record_running_stats(update_running, batches, momentum=0.1)
+    mean_reversed, _ = classic_bugs.record_running_stats(update_running_reversed, batches, momentum=0.1)
     wobble_right, wobble_reversed = (float(m[100:].std(dim=0).mean()) for m in (mean_right, mean_reversed))
     assert wobble_reversed > 2.5 * wobble_right
     theory_right, theory_reversed = (0.5 * (alpha / (2 - alpha)) ** 0.5 for alpha in (0.1, 0.9))
@@ -85,7 +85,7 @@ def test_bug2_the_short_window_reads_low_on_average():
     ratios = []
     for seed in SEEDS:
         batches = classic_bugs.make_batches(steps=200, batch_size=16, C=16, mean=3.0, var=4.0, seed=seed)
-        mean_right, _ = classic_bugs.track_running_stats(update_running, batches, momentum=0.1)
+        mean_right, _ = classic_bugs.record_running_stats(update_running, batches, momentum=0.1)
         ratios.append(float(mean_right[100:].std(dim=0).mean()) / (0.5 * (0.1 / 1.9) ** 0.5))
     assert sum(ratios) / len(ratios) < 1, ratios
 
