@@ -19,8 +19,8 @@ API overview
     The q-th percentiles of ``z`` (over all of it, or along ``dim``; e.g. ``dim=0`` of an
     ``(N, units)`` tensor gives one set of percentiles per unit, shape ``(len(q), units)``).
 ``saturation_fraction(z, activation) -> float``
-    The fraction of pre-activations where the activation's derivative is (nearly) zero:
-    ``sigmoid``/``tanh`` output within 1% of its bounds (|z| > 4.6 for a sigmoid), or
+    The fraction of pre-activations where the activation's slope is below 5% of its maximum,
+    notebook 01's definition of saturated (|z| > 4.36 for a sigmoid, |z| > 2.18 for tanh), or
     ``relu`` input <= 0.
 ``layer_norms(model, x, y, q=(15, 50, 85)) -> list of dict``
     One row per weight layer (``linear1``, ..., ``out``; ``conv1``, ...) from one
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_course._validate import check_positive_int
+from bn_course.activations import ACTIVATIONS, saturated_fraction
 from bn_course.train import check_logits, check_model
 
 ACTIVATION_TYPES = (nn.ReLU, nn.Sigmoid, nn.Tanh)
@@ -126,21 +127,15 @@ def percentiles(z, q=(15, 50, 85), dim=None):
     return torch.quantile(z.flatten(), qs) if dim is None else torch.quantile(z, qs, dim=dim)
 
 
-SATURATION_Z = {"sigmoid": 4.59511985013459, "tanh": 2.646652412362246}  # sigmoid(z)=0.99, tanh(z)=0.99
-
-
 def saturation_fraction(z, activation):
-    """Fraction of pre-activations ``z`` where ``activation`` passes (almost) no gradient.
+    """Fraction of pre-activations ``z`` (any shape) where ``activation`` passes (almost) no gradient.
 
-    sigmoid: output below 0.01 or above 0.99 (|z| > 4.595); tanh: |output| > 0.99
-    (|z| > 2.647); relu: z <= 0 (derivative exactly 0).
+    Notebook 01's definition (``bn_course.activations.saturated_fraction``), applied to f(z): the
+    slope is below 5% of its maximum. sigmoid: |z| > 4.36; tanh: |z| > 2.18; relu: z <= 0.
     """
-    z = z.detach()
-    if activation in SATURATION_Z:
-        return float((z.abs() > SATURATION_Z[activation]).float().mean())
-    if activation == "relu":
-        return float((z <= 0).float().mean())
-    raise ValueError(f"activation must be 'sigmoid', 'tanh' or 'relu', got {activation!r}.")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+    return saturated_fraction(ACTIVATIONS[activation](z.detach()), activation)
 
 
 def _rms(t):
