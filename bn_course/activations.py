@@ -131,7 +131,11 @@ def dead_fraction(h):
 
 
 def weight_grad_rms(x, y, weights, w_out, activation):
-    """RMS of dL/dW_l for each layer, L the mean cross-entropy of the read-out on labels y."""
+    """RMS of dL/dW_l for each layer, L the mean cross-entropy of the read-out on labels y.
+
+    x: (N, in_features), y: (N,) int64, weights: depth matrices W_l (in, out), w_out: (width, 10)
+    -> a NumPy array (depth,), one RMS per hidden layer.
+    """
     weights = [w.detach().clone().requires_grad_(True) for w in weights]
     h = forward_layers(x, weights, activation)[-1]
     loss = F.cross_entropy(h @ w_out, y)
