@@ -23,8 +23,8 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from bn_course._validate import check_positive_int, values_per_channel
-from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
+from bn_course._validate import check_eps, check_positive_int, values_per_channel
+from bn_course.torch_bn import LOW_PRECISION, BatchNorm, check_input, check_params, per_channel, reduce_dims
 
 
 def world_size(group=None):
@@ -51,6 +51,11 @@ def sync_mean_var(x, group=None):
     dims = reduce_dims(x)
     C = x.shape[1]
     local_m = values_per_channel(tuple(x.shape))
+    # float16/bfloat16: sum in float32 (a float16 sum overflows past 65504, and counts above 2048
+    # are rounded); mu and var are handed back in x's dtype.
+    in_dtype = x.dtype
+    if in_dtype in LOW_PRECISION:
+        x = x.float()
     sums = torch.cat([x.sum(dim=dims), x.new_full((1,), local_m)])          # (C + 1,)
     all_reduce_sum(sums, group)                                              # round 1
     m = int(round(float(sums[C])))
@@ -62,7 +67,7 @@ def sync_mean_var(x, group=None):
     mu = sums[:C] / m
     sq = ((x - per_channel(mu, x.dim())) ** 2).sum(dim=dims)                 # (C,)
     all_reduce_sum(sq, group)                                                # round 2
-    return mu, sq / m, m
+    return mu.to(in_dtype), (sq / m).to(in_dtype), m
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -110,6 +115,7 @@ def sync_batchnorm(x, gamma, beta, eps=1e-5, group=None):
     """
     check_input(x, "x")
     check_params(x, gamma, beta)
+    check_eps(eps)
     with torch.no_grad():
         mu, var, m = sync_mean_var(x.detach(), group)
     return SyncBatchNormFunction.apply(x, gamma, beta, mu, var, m, eps, group)

@@ -8,10 +8,12 @@ NATIVE = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNo
 SHAPES = {2: (6, 3), 3: (4, 3, 5), 4: (4, 3, 5, 6), 5: (2, 3, 2, 3, 4)}
 
 
-def run_both(make_ours, shape, dtype, channels_last=False, steps=2, seed=0, device="cpu", **options):
-    """Train-mode steps of ``make_ours(C, dtype=..., **options)`` and of nn.BatchNorm*d on the same data.
+def run_both(make_ours, shape, dtype, channels_last=False, steps=2, seed=0, device="cpu", modes=("train",),
+             **options):
+    """``steps`` steps in each of ``modes`` ("train" or "eval", in turn) of ``make_ours(C, dtype=..., **options)``
+    and of nn.BatchNorm*d on the same data. ``modes=("eval",)`` is evaluation before any training step.
 
-    Returns both results: {"out", "grads" (x, then the parameters), "state" (the state dict)}.
+    Returns both results, of the last step: {"out", "grads" (x, then the parameters), "state" (the state dict)}.
     """
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
@@ -27,15 +29,17 @@ def run_both(make_ours, shape, dtype, channels_last=False, steps=2, seed=0, devi
     results = []
     for layer in (ours, native):
         g.manual_seed(seed + 1)
-        for _ in range(steps):
-            x = (torch.randn(shape, generator=g, dtype=dtype) * 3 + 2).to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(True)
-            dout = torch.randn(shape, generator=g, dtype=dtype).to(device)
-            out = layer(x)
-            params = [p for p in (layer.weight, layer.bias) if p is not None]
-            grads = torch.autograd.grad(out, [x] + params, dout)
+        for mode in modes:
+            layer.train(mode == "train")
+            for _ in range(steps):
+                x = (torch.randn(shape, generator=g, dtype=dtype) * 3 + 2).to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                dout = torch.randn(shape, generator=g, dtype=dtype).to(device)
+                out = layer(x)
+                params = [p for p in (layer.weight, layer.bias) if p is not None]
+                grads = torch.autograd.grad(out, [x] + params, dout)
         results.append({"out": out.detach(), "grads": [t.detach() for t in grads],
                         "state": {k: v.clone() for k, v in layer.state_dict().items()}})
     return results
@@ -70,6 +74,32 @@ def assert_half_precision_is_computed_in_float32(ours):
     out = ours(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, nn.BatchNorm2d(3)(x), rtol=2e-2, atol=2e-2)
+
+
+def assert_half_precision_matches_native(make_ours, low):
+    """float16/bfloat16 input to ``make_ours(3)`` (float32 parameters), two training steps next to nn.BatchNorm2d
+    (which also computes in float32): out and dx in the input's dtype, and they, dgamma, dbeta and the running
+    buffers equal torch's, to assert_close's default tolerance for each dtype (a few units of its rounding)."""
+    g = torch.Generator().manual_seed(0)
+    ours, native = make_ours(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5, generator=g)
+        ours.bias.normal_(generator=g)
+    native.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        x = (torch.randn(4, 3, 2, 2, generator=g) * 3 + 2).to(low)
+        dout = torch.randn(4, 3, 2, 2, generator=g).to(low)
+        results = []
+        for layer in (ours, native):
+            x_ = x.clone().requires_grad_(True)
+            out = layer(x_)
+            results.append([out.detach(), *torch.autograd.grad(out, (x_, layer.weight, layer.bias), dout)])
+        assert results[0][0].dtype == results[0][1].dtype == low
+        for name, a, b in zip(("out", "dx", "dgamma", "dbeta"), *results):
+            torch.testing.assert_close(a, b, msg=name)
+    assert ours.running_var.dtype == torch.float32
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(native, name), msg=name)
 
 
 def assert_bad_input_gets_clear_errors(layer):

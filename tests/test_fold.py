@@ -296,3 +296,32 @@ def test_time_pair_rejects_a_non_tensor_input():
     model = small_cnn().eval()
     with pytest.raises(TypeError, match=r"^time_pair: x must be a torch.Tensor .*got list\."):
         time_pair(model, model, [[1.0]], repeats=1, warmup=0)
+
+
+# --- gaps: fold_sequential beyond small_cnn (nested containers, Linear and Conv1d, the course's
+# BatchNorm, an nn.BatchNorm without bias), compared in float64 ---
+
+def test_fold_sequential_folds_nested_linear_conv1d_and_course_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv1d(2, 4, 3), BatchNorm(4, dtype=torch.float32), nn.ReLU(),
+        nn.Sequential(nn.Conv1d(4, 5, 1, bias=False), nn.BatchNorm1d(5, bias=False)),
+        nn.Flatten(), nn.Linear(5 * 4, 6), nn.BatchNorm1d(6, eps=0.1),  # eps=0.1: using 1e-5 instead would show
+        nn.BatchNorm1d(6),  # follows a batch norm, not a layer: kept
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, BatchNorm)):
+                m.running_mean.normal_(generator=g), m.running_var.uniform_(0.1, 2, generator=g)
+                m.weight.normal_(generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(generator=g)
+    model.eval()
+    folded = fold_sequential(model)
+    assert count_batchnorms(model) == 4 and count_batchnorms(folded) == 1
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[3][1], nn.Identity)
+    assert isinstance(folded[6], nn.Identity) and isinstance(folded[7], nn.BatchNorm1d)
+    x = torch.randn(5, 2, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)

@@ -116,3 +116,45 @@ def test_the_math_functions_check_their_input():
         fused_bn.backward_math(dout, x, mu, torch.ones(5), gamma)
     with pytest.raises(TypeError, match="mu must be a torch.Tensor of shape"):
         fused_bn.backward_math(dout, x, None, inv_std, gamma)
+
+
+# --- gaps: evaluation (before and after training) at every rank, float16, non-contiguous input ---
+
+MODES = [("eval",), ("train", "eval")]  # ("eval",): evaluation before any training step
+
+
+@pytest.mark.parametrize("modes", MODES, ids=["eval-first", "train-then-eval"])
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+                         ids=str)
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_eager_matches_native_in_eval_mode_with_options_at_every_rank(rank, options, modes):
+    """track_running_stats=False normalizes with the batch in eval mode too: through the fused functions."""
+    assert_match(*run_both(SHAPES[rank], torch.float32, compile=False, modes=modes, **options), torch.float32)
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_input_matches_native_in_outputs_gradients_and_buffers(low):
+    bn_layers.assert_half_precision_matches_native(lambda C: fused_bn.FusedBatchNorm(C, compile=False), low)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channel-slice", "channels_last_3d"])
+def test_eager_matches_native_for_non_contiguous_input(layout):
+    g = torch.Generator().manual_seed(7)
+    if layout == "channels_last_3d":
+        x = torch.randn(SHAPES[5], generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "transposed":
+        x = torch.randn(4, 3, 6, 5, generator=g, dtype=torch.float64).transpose(2, 3)
+    else:
+        x = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)[:, ::2]
+    assert not x.is_contiguous()
+    ours, native = fused_bn.FusedBatchNorm(3, compile=False, dtype=torch.float64), \
+        bn_layers.NATIVE[x.dim()](3, dtype=torch.float64)
+    dout = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for layer in (ours, native):
+        x_ = x.clone().requires_grad_(True)
+        out = layer(x_)
+        results.append([out.detach(), *torch.autograd.grad(out, (x_, layer.weight, layer.bias), dout)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.running_var, native.running_var, rtol=1e-10, atol=1e-10)

@@ -473,3 +473,51 @@ def test_standardize_rejects_a_bad_eps():
     for bad in (None, [1e-5], "abc", -1.0, 0, float("nan")):
         with pytest.raises(ValueError, match=r"^standardize: eps must be a positive number"):
             standardize(torch.randn(8, 4), [0], eps=bad)
+
+
+# --- gaps: Batch Renorm's gradient with r and d free, Renorm and Ghost BN options against torch ---
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_renorm_gradient_with_r_and_d_inside_their_limits(seed):
+    """With r and d unclipped, out = gamma * (x - running_mean) / s_run + beta in value, but the gradient
+    is batch norm's times r (r, d constants), not gamma / s_run * dout. (In
+    test_batch_renorm_gradient_treats_r_and_d_as_constants every r is clipped, where clamp has zero
+    gradient, so a gradient flowing through r could not show there.)"""
+    torch.manual_seed(seed)
+    m = with_running_stats(BatchRenorm(5, r_max=1e6, d_max=1e6), seed).double()
+    randomize_affine(m, seed=seed)
+    theirs = torch_bn(5, 3).double()
+    theirs.load_state_dict(m.state_dict())
+    x = torch.randn(8, 5, 3, dtype=torch.float64) * 1.5 + 0.3
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    var_B = x.var(dim=(0, 2), correction=0)
+    r = torch.sqrt(var_B + m.eps) / torch.sqrt(m.running_var + m.eps)
+    assert float((r - 1).abs().min()) > 0.01  # r is not 1 in any channel: the checks below can fail
+    dout = torch.randn(x.shape, dtype=torch.float64)
+    m(x1).backward(dout)
+    theirs(x2).backward(dout)  # batch norm, same gamma
+    torch.testing.assert_close(x1.grad, x2.grad * r.reshape(1, -1, 1), rtol=1e-10, atol=1e-12)
+    inference_grad = dout * (m.weight / torch.sqrt(m.running_var.detach() + m.eps)).reshape(1, -1, 1)
+    assert not torch.allclose(x1.grad, inference_grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{"affine": False}, {"momentum": None}, {"momentum": 0.5}], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_renorm_and_ghost_bn_options_match_torch(dtype, options):
+    """affine=False and the cumulative average (momentum=None), over several steps, then eval mode."""
+    torch.manual_seed(0)
+    renorm = BatchRenorm(5, r_max=1.0, d_max=0.0, **options).to(dtype)
+    ghost = GhostBatchNorm(5, ghost_batch_size=4, **options).to(dtype)
+    reference = {name: torch_bn(5, 3, **options).to(dtype) for name in ("renorm", "ghost")}
+    for step in range(3):
+        x = (torch.randn(10, 5, 3) * 2 + step).to(dtype)  # 10 = 4 + 4 + 2: a smaller last ghost batch
+        torch.testing.assert_close(renorm(x), reference["renorm"](x), **tol(dtype))
+        torch.testing.assert_close(ghost(x), torch.cat([reference["ghost"](c) for c in torch.split(x, 4)]),
+                                   **tol(dtype))
+    for ours, name in ((renorm, "renorm"), (ghost, "ghost")):
+        theirs = reference[name]
+        assert (ours.weight is None) == (theirs.weight is None)
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, buffer), getattr(theirs, buffer), **tol(dtype))
+        x = (torch.randn(1, 5, 3) + 1).to(dtype)
+        torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), **tol(dtype))

@@ -383,3 +383,35 @@ def test_eps_must_be_finite():
     x = np.random.randn(8, 4)
     with pytest.raises(ValueError, match="eps must be a positive number"):
         nb.batchnorm_forward(x, np.ones(4), np.zeros(4), eps=float("inf"))
+
+
+# --- gaps: the smallest batch (2 values per channel), and arrays that are not C-contiguous ---
+
+def _layouts():
+    rng = np.random.default_rng(20)
+    base = rng.normal(0.5, 2.0, size=(3, 6, 4, 5))
+    return [("smallest-batch", base[:2, :3, 0, 0].copy()),         # m = 2: unbiased var is twice the biased
+            ("transposed", base[:, :3].transpose(0, 1, 3, 2)),    # strided view
+            ("every-other-channel", base[:, ::2]),
+            ("fortran-order", np.asfortranarray(base[:, :3]))]
+
+
+@pytest.mark.parametrize("name,x", _layouts(), ids=[n for n, _ in _layouts()])
+def test_smallest_batch_and_non_contiguous_arrays_match_pytorch(name, x):
+    C = x.shape[1]
+    _, gamma, beta, _ = make((2, C), np.float64, seed=21)
+    dout = np.random.default_rng(22).standard_normal(x.shape)
+    expected = torch_reference(np.ascontiguousarray(x), gamma, beta, np.ascontiguousarray(dout), 1e-3)
+    out, cache = nb.batchnorm_forward(x, gamma, beta, 1e-3)
+    np.testing.assert_allclose(out, expected[0], **TOL[np.float64])
+    for backward in (nb.batchnorm_backward, nb.batchnorm_backward_staged):
+        for got, ref in zip(backward(dout, cache), expected[1:]):
+            np.testing.assert_allclose(got, ref, **TOL[np.float64])
+    bn = BN_MODULE[x.ndim](C, momentum=0.3).double()
+    bn(torch.tensor(np.ascontiguousarray(x)))
+    running = nb.update_running_stats(np.zeros(C), np.ones(C), x, momentum=0.3)
+    np.testing.assert_allclose(running, (bn.running_mean.numpy(), bn.running_var.numpy()), **TOL[np.float64])
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor(gamma)), bn.bias.copy_(torch.tensor(beta))
+        np.testing.assert_allclose(nb.batchnorm_inference(x, gamma, beta, *running),
+                                   bn.eval()(torch.tensor(np.ascontiguousarray(x))).numpy(), **TOL[np.float64])

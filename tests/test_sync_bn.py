@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from bn_course import launch, sync_bn
 from bn_course.torch_bn import BatchNorm
@@ -170,3 +171,56 @@ def test_shard_checks_rank_and_world_size():
             sync_bn.shard(t, bad, 2)
     with pytest.raises(TypeError, match="t must be a torch.Tensor with a batch axis"):
         sync_bn.shard([1, 2], 0, 2)
+
+
+# --- one process against torch.nn itself (the oracle), not only against bn_course's BatchNorm ---
+
+import bn_layers  # noqa: E402
+
+
+@pytest.mark.parametrize("modes", [("train",), ("train", "eval")], ids=["train", "train-then-eval"])
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}, {"bias": False},
+                                     {"track_running_stats": False}], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_one_process_matches_native(rank, dtype, options, modes):
+    """Outputs, gradients of x, weight and bias, and the state dict, after training (and eval) steps."""
+    ours, native = bn_layers.run_both(sync_bn.SyncBatchNorm, bn_layers.SHAPES[rank], dtype, modes=modes, **options)
+    bn_layers.assert_match(ours, native, dtype)
+
+
+@pytest.mark.parametrize("options", [{}, {"affine": False, "track_running_stats": False}], ids=str)
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_input_matches_native(low, options):
+    """float16/bfloat16 input: the sums are taken in float32, as torch does. In float16 a sum over
+    3 * 31 * 33 = 3069 values near 30 overflows (> 65504) and the count 3069 rounds to 3068: without
+    parameters to take float32 from, that was a NaN output."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2, 31, 33, generator=g) * 3 + 30).to(low)
+    ours, native = sync_bn.SyncBatchNorm(2, **options), nn.BatchNorm2d(2, **options)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [layer(t) for layer, t in zip((ours, native), xs)]
+    dout = torch.randn(x.shape, generator=g).to(low)
+    for out in outs:
+        out.backward(dout)
+    assert outs[0].dtype == low and xs[0].grad.dtype == low
+    # with float32 parameters the math is float32, as torch's: assert_close's default for the dtype. Without
+    # them it is done in the input's dtype, a few of its ulps (2**-10, 2**-7) off torch's float32 math.
+    tol = {} if options == {} else {torch.float16: dict(rtol=4e-3, atol=4e-3),
+                                    torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}[low]
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        a, b = getattr(ours, name), getattr(native, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a.grad if name in ("weight", "bias") else a,
+                                       b.grad if name in ("weight", "bias") else b, msg=name)
+
+
+@pytest.mark.parametrize("eps", [0, -1e-5, float("nan"), None, "1e-5"])
+def test_the_function_rejects_a_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        sync_bn.sync_batchnorm(torch.randn(4, 3, 2), None, None, eps=eps)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        sync_bn.SyncBatchNorm(3, eps=eps)

@@ -502,3 +502,54 @@ def test_switches_must_be_bools():
         for bad in (None, 1, "abc"):
             with pytest.raises(TypeError, match=rf"^{name} must be True or False, got {bad!r}\."):
                 BatchNorm(4, **{name: bad})
+
+
+# ---- gaps: evaluation before any training step, float16 input, inputs that are views -----------
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_eval_before_any_training_step_matches_pytorch(rank, options):
+    """Fresh buffers (mean 0, var 1, count 0; with momentum=None nothing may divide by that count)."""
+    ours, theirs = make_pair(rank, torch.float64, **options)
+    ours.eval(), theirs.eval()
+    run_and_compare(ours, theirs, rank, torch.float64, seed=30, steps=2)
+    assert ours.num_batches_tracked is None or int(ours.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_input_matches_pytorch_in_outputs_gradients_and_buffers(low):
+    import bn_layers
+    bn_layers.assert_half_precision_matches_native(BatchNorm, low)
+
+
+def x_size(shape):
+    return int(torch.Size(shape).numel())
+
+
+def _views(rank):
+    """Inputs of SHAPES[rank] that are not plain contiguous tensors: (name, x)."""
+    g = torch.Generator().manual_seed(rank)
+    shape = SHAPES[rank]
+    big = torch.randn((shape[0] + 2, 2 * shape[1]) + shape[2:], generator=g, dtype=torch.float64) * 2 + 1
+    views = [("storage-offset", big.reshape(-1)[7:7 + x_size(shape)].view(shape)),  # contiguous, not at 0
+             ("every-other-channel", big[2:, ::2]),                                # strided along C
+             ("batch-slice", big[2:, :shape[1]])]                                  # offset and strided
+    if rank >= 4:
+        views.append(("transposed", big[2:, :shape[1]].transpose(-1, -2).contiguous().transpose(-1, -2)))
+        memory_format = torch.channels_last if rank == 4 else torch.channels_last_3d
+        views.append(("channels-last", big[2:, :shape[1]].contiguous(memory_format=memory_format)))
+    return views
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_views_and_other_layouts_match_pytorch(rank):
+    for name, x in _views(rank):
+        assert x.shape == SHAPES[rank], name
+        ours, theirs = make_pair(rank, torch.float64)
+        dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for _ in range(2):
+            (out_a, grads_a), (out_b, grads_b) = step(ours, x, dout), step(theirs, x, dout)
+            torch.testing.assert_close(out_a, out_b, **TOL[torch.float64], msg=name)
+            for ga, gb in zip(grads_a, grads_b):
+                torch.testing.assert_close(ga, gb, **TOL[torch.float64], msg=name)
+        assert_same_state(ours, theirs, TOL[torch.float64])

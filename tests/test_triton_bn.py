@@ -111,3 +111,36 @@ def test_an_interpreter_too_old_for_the_kernels_is_named(monkeypatch):
     assert not triton_bn.runs_on("cpu") and triton_bn.runs_on("cuda")
     with pytest.raises(RuntimeError, match="interpreter from version 3.7 on.*Triton 3.6.0"):
         triton_bn.triton_batchnorm(torch.randn(4, 3, 2), None, None)
+
+
+# --- gaps: evaluation (before and after training), float32 with options, float16, a view with an offset ---
+
+@pytest.mark.parametrize("modes", [("eval",), ("train", "eval")], ids=["eval-first", "train-then-eval"])
+@pytest.mark.parametrize("options", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+                         ids=str)
+def test_matches_native_in_eval_mode_and_float32_with_options(options, modes):
+    """track_running_stats=False normalizes with the batch in eval mode too: through the kernels."""
+    assert_match(*run_both(SHAPES[3], torch.float32, modes=modes, **options), torch.float32)
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_input_matches_native_in_outputs_gradients_and_buffers(low):
+    bn_layers.assert_half_precision_matches_native(triton_bn.TritonBatchNorm, low)
+
+
+def test_a_contiguous_view_that_starts_inside_its_storage():
+    """The kernels get x's data pointer: a view with a storage offset (x[2:] of a batch) must be read from there."""
+    g = torch.Generator().manual_seed(8)
+    full = torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64) * 2 + 1
+    x = full[2:]
+    assert x.is_contiguous() and x.storage_offset() > 0
+    ours, native = triton_bn.TritonBatchNorm(3, dtype=torch.float64), torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    dout = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for layer, x_ in ((ours, full.clone().requires_grad_(True)), (native, x.clone().requires_grad_(True))):
+        out = layer(x_[2:] if layer is ours else x_)
+        results.append([out.detach(), *torch.autograd.grad(out, (x_, layer.weight, layer.bias), dout)])
+    results[0][1] = results[0][1][2:]  # the gradient of the whole batch: its rows 2: are x's
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.running_var, native.running_var, rtol=1e-10, atol=1e-10)
