@@ -35,8 +35,10 @@ def worker_exits_quietly(rank, world_size):
 
 
 def worker_writes_pid_and_hangs(rank, world_size, folder):
-    with open(os.path.join(folder, f"pid{rank}"), "w") as f:
+    # written under another name, then renamed: the test never sees a pid file that is still empty
+    with open(os.path.join(folder, f"tmp{rank}"), "w") as f:
         f.write(str(os.getpid()))
+    os.replace(os.path.join(folder, f"tmp{rank}"), os.path.join(folder, f"pid{rank}"))
     time.sleep(600)
 
 
