@@ -19,6 +19,7 @@ is free here, and saves a pass.
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from bn_course._validate import check_channels, check_enough_values, check_eps
 from bn_course.torch_bn import BatchNorm, check_input, check_params, per_channel, reduce_dims
@@ -117,6 +118,7 @@ class FusedBatchNormFunction(torch.autograd.Function):
         return out, mu, var
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: say so, as BatchNorm
     def backward(ctx, dout, _dmu, _dvar):
         x, mu, inv_std, gamma = ctx.saved_tensors
         dx, dgamma, dbeta = _run(backward_math, ctx.use_compile, dout.contiguous(memory_format=_layout(x)),
@@ -152,7 +154,8 @@ class FusedBatchNorm(BatchNorm):
     Same arguments, buffers and ``state_dict`` as ``BatchNorm``, plus ``compile``:
     ``True`` (default) fuses with ``torch.compile`` on first use of each input shape
     (that first call takes seconds: it generates and compiles code), ``False`` runs
-    the same functions eagerly. Evaluation mode is ``BatchNorm``'s one affine map.
+    the same functions eagerly. Evaluation mode is ``BatchNorm``'s one affine map. First
+    derivatives only, as ``BatchNorm`` (the backward is marked ``once_differentiable``).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,

@@ -22,6 +22,7 @@ import numbers
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from bn_course._validate import check_eps, check_positive_int, values_per_channel
 from bn_course.torch_bn import LOW_PRECISION, BatchNorm, check_input, check_params, per_channel, reduce_dims
@@ -92,6 +93,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable: say so, as BatchNorm
     def backward(ctx, dout):
         x_hat, inv_std, gamma = ctx.saved_tensors
         dims = reduce_dims(dout)
@@ -127,7 +129,8 @@ class SyncBatchNorm(BatchNorm):
     Same arguments, buffers and ``state_dict`` as ``BatchNorm`` (and ``nn.BatchNorm*d``),
     plus ``process_group`` (default: all processes). The running statistics are updated
     with the global mean and unbiased variance, identically on every process.
-    Evaluation mode uses the running statistics and needs no communication.
+    Evaluation mode uses the running statistics and needs no communication. First
+    derivatives only, as ``BatchNorm`` (the backward is marked ``once_differentiable``).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,

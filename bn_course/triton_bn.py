@@ -29,6 +29,7 @@ check the kernels on a machine with no GPU. Needs Triton (Linux; it comes with P
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -275,6 +276,7 @@ class TritonBatchNormFunction(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: say so, as BatchNorm
     def backward(ctx, dout, _dmean, _dvar):
         x, stats, gamma = ctx.saved_tensors
         dx, dgamma, dbeta = triton_backward(dout.contiguous(), x, stats, gamma)
@@ -297,7 +299,8 @@ class TritonBatchNorm(BatchNorm):
 
     Same arguments, buffers and ``state_dict`` as ``BatchNorm`` (and so as ``nn.BatchNorm*d``).
     Input must be contiguous (N, C, *spatial). Evaluation mode is ``BatchNorm``'s one
-    affine map per channel.
+    affine map per channel. First derivatives only, as ``BatchNorm`` (the backward is marked
+    ``once_differentiable``).
     """
 
     def _normalize_batch(self, x):

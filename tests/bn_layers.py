@@ -68,6 +68,15 @@ def assert_eval_mode_uses_the_running_statistics(ours):
     torch.testing.assert_close(ours(x), native(x))
 
 
+def assert_refuses_a_second_derivative(ours):
+    """A gradient penalty through ``ours`` (3 channels, float64) is refused with once_differentiable's
+    error, where an unmarked hand-written backward would return a silently wrong second derivative."""
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    (dx,) = torch.autograd.grad((ours.double().train()(x) ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.pow(2).sum().backward()
+
+
 def assert_half_precision_is_computed_in_float32(ours):
     """bfloat16 input to ``ours`` (3 channels): bfloat16 output, nn.BatchNorm2d's values."""
     x = torch.randn(4, 3, 2, 2).to(torch.bfloat16)

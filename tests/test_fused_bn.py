@@ -158,3 +158,7 @@ def test_eager_matches_native_for_non_contiguous_input(layout):
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.running_var, native.running_var, rtol=1e-10, atol=1e-10)
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    bn_layers.assert_refuses_a_second_derivative(fused_bn.FusedBatchNorm(3, compile=False))

@@ -224,3 +224,7 @@ def test_the_function_rejects_a_bad_eps(eps):
         sync_bn.sync_batchnorm(torch.randn(4, 3, 2), None, None, eps=eps)
     with pytest.raises(ValueError, match="eps must be a positive number"):
         sync_bn.SyncBatchNorm(3, eps=eps)
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    bn_layers.assert_refuses_a_second_derivative(sync_bn.SyncBatchNorm(3))

@@ -144,3 +144,7 @@ def test_a_contiguous_view_that_starts_inside_its_storage():
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(ours.running_var, native.running_var, rtol=1e-10, atol=1e-10)
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    bn_layers.assert_refuses_a_second_derivative(triton_bn.TritonBatchNorm(3))
