@@ -5,12 +5,12 @@ In evaluation mode batch norm is one fixed affine map per channel::
     out = gamma * (z - running_mean) / sqrt(running_var + eps) + beta
         = a * z + (beta - a * running_mean),      a = gamma / sqrt(running_var + eps)
 
-When ``z = W * x + b`` comes from a convolution or a linear layer, scaling the
-layer's output channel ``k`` by ``a[k]`` is the same as scaling its weights, so
-the pair is one layer with
+When ``z = W * x + c`` comes from a convolution or a linear layer (bias ``c``, as in
+notebook 08), scaling the layer's output channel ``k`` by ``a[k]`` is the same as
+scaling its weights, so the pair is one layer with
 
     W_folded = a[k] * W[k]                                  (every weight of output channel k)
-    b_folded = a[k] * (b[k] - running_mean[k]) + beta[k]
+    b_folded = a[k] * (c[k] - running_mean[k]) + beta[k]
 
 This holds for any stride, padding, dilation and groups: all of them only
 decide *which* inputs output channel ``k`` sees, never how it is scaled.
@@ -114,12 +114,12 @@ def fold_batchnorm(conv, bn):
     so the folded layer is exact up to that dtype's rounding.
     """
     check_foldable(conv, bn)
-    a, b = bn_scale_shift(bn)
+    a, b = bn_scale_shift(bn)                                # BN in eval mode: out = a * z + b
     W = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
+    c = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
 
     W_folded = W * a.reshape((-1,) + (1,) * (W.dim() - 1))  # scale output channel k by a[k]
-    b_folded = a * bias + b                                  # a * (bias - running_mean) + beta
+    b_folded = a * c + b                                     # a * (c - running_mean) + beta
 
     folded = copy.deepcopy(conv)
     dtype, device = conv.weight.dtype, conv.weight.device
@@ -211,10 +211,20 @@ def benchmark_folding(batch_sizes=(1, 64, 512), repeats=30, seed=0, device="cpu"
     Returns a list of dicts with keys batch_size, unfolded_ms, folded_ms (medians),
     unfolded_min_ms, folded_min_ms (fastest runs), speedup (median of the per-repeat ratios
     unfolded / folded, see ``time_pair``) and max_abs_error (largest difference between
-    the two models' outputs).
+    the two models' outputs). ``threads`` (None: leave as it is) sets torch's thread count
+    for the timing, and is put back afterwards.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if threads is None:
+        return _benchmark_folding(batch_sizes, repeats, seed, device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _benchmark_folding(batch_sizes, repeats, seed, device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _benchmark_folding(batch_sizes, repeats, seed, device):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = small_cnn()
@@ -255,7 +265,7 @@ def main():
     args = p.parse_args()
     rows = benchmark_folding(args.batch_sizes, args.repeats, device=args.device, threads=args.threads)
     print(f"small CNN (3 x conv3x3-BN-ReLU, 8x8 input), eval mode, device={args.device}, "
-          f"threads={torch.get_num_threads()}, medians of {args.repeats} alternating runs")
+          f"threads={args.threads}, medians of {args.repeats} alternating runs")
     print(format_table(rows))
 
 

@@ -325,3 +325,12 @@ def test_fold_sequential_folds_nested_linear_conv1d_and_course_batchnorm():
     x = torch.randn(5, 2, 6, generator=g, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_benchmark_folding_puts_the_thread_count_back():
+    from bn_course.fold import benchmark_folding
+
+    before = torch.get_num_threads()
+    rows = benchmark_folding(batch_sizes=(2,), repeats=2, threads=1 if before != 1 else 2)
+    assert torch.get_num_threads() == before
+    assert rows[0]["batch_size"] == 2 and rows[0]["max_abs_error"] < 1e-5
