@@ -424,8 +424,10 @@ class GhostBatchNorm(BatchNorm):
             return super().forward(x)
         self._check(x)  # before splitting
         self.check_ghost_batches(x)
-        return torch.cat([super(GhostBatchNorm, self).forward(chunk)
-                          for chunk in torch.split(x, self.ghost_batch_size, dim=0)], dim=0)
+        outs = []
+        for chunk in torch.split(x, self.ghost_batch_size, dim=0):
+            outs.append(super().forward(chunk))  # BatchNorm on each ghost batch in turn
+        return torch.cat(outs, dim=0)
 
 
 # --- swapping the normalization of a model -------------------------------------------------

@@ -114,27 +114,18 @@ def batchnorm_backward_staged(dout, cache):
     chain rule locally. dout: shape of x. Returns dx (shape of x), dgamma, dbeta (C,).
     """
     dout = _check_dout(dout, cache)
-    axes = cache["axes"]
-    m = dout.size // cache["x_hat"].shape[1]
-
-    # out = gamma * x_hat + beta
-    dbeta = dout.sum(axis=axes)
+    axes, x_mu, std = cache["axes"], cache["x_mu"], cache["std"]
+    m = dout.size // dout.shape[1]                           # values per channel
+    dbeta = dout.sum(axis=axes)                              # out = gamma * x_hat + beta
     dgamma = (dout * cache["x_hat"]).sum(axis=axes)
     dx_hat = dout * cache["gamma"]
-    # x_hat = x_mu * inv_std: x_mu feeds this node and the variance node
-    dinv_std = (dx_hat * cache["x_mu"]).sum(axis=axes, keepdims=True)
+    dinv_std = (dx_hat * x_mu).sum(axis=axes, keepdims=True)  # x_hat = x_mu * inv_std
     dx_mu = dx_hat * cache["inv_std"]
-    # inv_std = 1 / std
-    dstd = -dinv_std / cache["std"] ** 2
-    # std = sqrt(var + eps)
-    dvar = dstd * 0.5 / cache["std"]
-    # var = mean(x_mu ** 2)
-    dsq = np.broadcast_to(dvar / m, dout.shape)
-    dx_mu = dx_mu + 2.0 * cache["x_mu"] * dsq
-    # x_mu = x - mu: x gets dx_mu directly, mu gets minus its sum
-    dmu = -dx_mu.sum(axis=axes, keepdims=True)
-    # mu = mean(x)
-    dx = dx_mu + dmu / m
+    dstd = -dinv_std / std ** 2                              # inv_std = 1 / std
+    dvar = dstd / (2 * std)                                  # std = sqrt(var + eps)
+    dx_mu = dx_mu + 2 * x_mu * dvar / m                      # var = mean(x_mu ** 2): x_mu's second path
+    dmu = -dx_mu.sum(axis=axes, keepdims=True)               # x_mu = x - mu
+    dx = dx_mu + dmu / m                                     # mu = mean(x)
     return dx, dgamma, dbeta
 
 

@@ -122,14 +122,14 @@ class BatchNormFunction(torch.autograd.Function):
         dims, ndim = reduce_dims(x), x.dim()
         mu = x.mean(dim=dims, keepdim=True)                        # step 1
         x_mu = x - mu
-        out = torch.square(x_mu)                                   # (out's memory as scratch)
-        var = out.mean(dim=dims, keepdim=True)                     # step 2 (two-pass: stable)
+        sq = torch.square(x_mu)                                    # scratch, reused for out below
+        var = sq.mean(dim=dims, keepdim=True)                      # step 2 (two-pass: stable)
         inv_std = torch.rsqrt(var + eps)
         x_hat = x_mu.mul_(inv_std)                                 # step 3, in x_mu's memory
-        if gamma is None:                                          # step 4, into out's memory
-            out.copy_(x_hat)
+        if gamma is None:                                          # step 4, into sq's memory
+            out = sq.copy_(x_hat)
         else:
-            out = torch.mul(x_hat, per_channel(gamma, ndim), out=out)
+            out = torch.mul(x_hat, per_channel(gamma, ndim), out=sq)
         if beta is not None:
             out.add_(per_channel(beta, ndim))
         ctx.save_for_backward(x_hat, inv_std, gamma)
