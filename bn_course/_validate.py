@@ -42,13 +42,14 @@ def check_enough_values(shape, where="input"):
         )
 
 
-def check_channels(shape, num_features, name, where="input"):
-    """A per-channel parameter or buffer must have one entry per channel, shape (C,)."""
+def check_channels(shape, param_shape, name, where="input"):
+    """A per-channel parameter or buffer must have one entry per channel: ``param_shape`` == (C,)
+    for an input of ``shape`` (N, C, ...)."""
     C = int(shape[1])
-    if tuple(num_features) != (C,):
+    if tuple(param_shape) != (C,):
         raise ValueError(
             f"{where}: {name} must have shape ({C},), one value per channel of an input "
-            f"with C={C} channels (axis 1 of shape {tuple(shape)}), got shape {tuple(num_features)}."
+            f"with C={C} channels (axis 1 of shape {tuple(shape)}), got shape {tuple(param_shape)}."
         )
 
 

@@ -29,9 +29,9 @@ from torch import nn
 from bn_course import seed_everything
 from bn_course._validate import check_num_features, check_positive_int, real_number
 from bn_course.data import check_class_labels, load_digits_split
-from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES, named_weight_layers
+from bn_course.torch_bn import is_batchnorm
 from bn_course.train import check_model, train
 
 
@@ -222,7 +222,7 @@ def add_noise_after(model, where="batchnorm", max_shift=1.0, max_scale=2.0, gene
         raise ValueError(f"where must be 'batchnorm' or 'linear', got {where!r}.")
     noisy = copy.deepcopy(model)
     if where == "batchnorm":
-        targets = [m for m in noisy.modules() if _is_batchnorm(m)]
+        targets = [m for m in noisy.modules() if is_batchnorm(m)]
     else:
         targets = [m for _, m in weight_layers(noisy)][:-1]
     if not targets:
@@ -231,7 +231,7 @@ def add_noise_after(model, where="batchnorm", max_shift=1.0, max_scale=2.0, gene
     wanted = set(map(id, targets))
 
     def channels(m):
-        return m.num_features if _is_batchnorm(m) else m.weight.shape[0]
+        return m.num_features if is_batchnorm(m) else m.weight.shape[0]
 
     def rewrite(parent):
         for name, child in parent.named_children():

@@ -25,20 +25,15 @@ import torch
 from torch import nn
 
 from bn_course.bench import alternate_times
-from bn_course.torch_bn import BatchNorm
+from bn_course.torch_bn import is_batchnorm
 from bn_course.train import check_model
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _is_batchnorm(module):
-    """nn.BatchNorm1d/2d/3d, or the course's own bn_course.torch_bn.BatchNorm."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))
-
-
 def check_batchnorm(bn, where):
     """``bn`` must be a batch-norm layer: nn.BatchNorm1d/2d/3d or bn_course's BatchNorm."""
-    if not _is_batchnorm(bn):
+    if not is_batchnorm(bn):
         raise TypeError(f"{where}: expected a batch-norm layer (nn.BatchNorm1d/2d/3d or bn_course's BatchNorm), "
                         f"got {type(bn).__name__}.")
 
@@ -69,7 +64,7 @@ def check_foldable(layer, bn):
             "(A transposed convolution keeps its output channels on axis 1 of the weight, "
             "so its folding formula differs; lazy layers must run once first.)"
         )
-    if not _is_batchnorm(bn):
+    if not is_batchnorm(bn):
         raise TypeError(
             f"fold_batchnorm folds a batch norm layer (nn.BatchNorm1d/2d/3d or bn_course BatchNorm), "
             f"got {type(bn).__name__}. Only batch norm is a fixed per-channel affine map at inference: "
@@ -150,7 +145,7 @@ def _fold_in_place(module):
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             layer, bn = module._modules[first], module._modules[second]
-            if (isinstance(layer, FOLDABLE_LAYERS) and _is_batchnorm(bn)
+            if (isinstance(layer, FOLDABLE_LAYERS) and is_batchnorm(bn)
                     and bn.track_running_stats and bn.num_features == _out_channels(layer)):
                 module._modules[first] = fold_batchnorm(layer, bn)
                 module._modules[second] = nn.Identity()
@@ -159,7 +154,7 @@ def _fold_in_place(module):
 def count_batchnorms(model):
     """How many batch norm layers ``model`` contains."""
     check_model(model, "count_batchnorms")
-    return sum(_is_batchnorm(m) for m in model.modules())
+    return sum(is_batchnorm(m) for m in model.modules())
 
 
 # --- benchmark -------------------------------------------------------------------------
@@ -178,7 +173,7 @@ def _randomize_bn(model, generator):
     """Give every batch norm non-trivial running stats and affine parameters, as after training."""
     with torch.no_grad():
         for m in model.modules():
-            if _is_batchnorm(m):
+            if is_batchnorm(m):
                 m.running_mean.normal_(0, 0.5, generator=generator)
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
                 m.weight.uniform_(0.5, 1.5, generator=generator)

@@ -28,9 +28,9 @@ from bn_course import seed_everything
 from bn_course._validate import check_positive_int, real_number
 from bn_course.covariate_shift import _check_model_input
 from bn_course.data import check_class_labels, load_digits_split
-from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.pitfalls import precise_bn_stats
+from bn_course.torch_bn import is_batchnorm
 from bn_course.train import evaluate, train
 
 DROPOUT_PLACES = ("none", "before_bn", "after_bn")
@@ -103,7 +103,7 @@ def variance_shift(model, x):
     (1 = no shift; > 1: BN shrinks the activations too much in evaluation).
     """
     _check_model_input(model, x)  # a float batch of >= 2 rows (one row has no variance) that fits the model
-    named = [(n, m) for n, m in model.named_modules() if _is_batchnorm(m)]
+    named = [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
     if not named:
         raise ValueError("the model has no batch norm layer.")
     captured = {}

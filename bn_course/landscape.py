@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from bn_course import seed_everything
 from bn_course._validate import check_positive_int, real_number
 from bn_course.covariate_shift import _check_model_and_batch, _digits
-from bn_course.fold import _is_batchnorm
 from bn_course.models import mlp
 from bn_course.recording import WEIGHT_TYPES
+from bn_course.torch_bn import is_batchnorm
 from bn_course.train import check_logits, check_model, train
 
 
@@ -115,7 +115,7 @@ def weights_feeding_batchnorm(model):
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     found = []
     for (name, m), (_, nxt) in zip(leaves, leaves[1:]):
-        if isinstance(m, WEIGHT_TYPES) and _is_batchnorm(nxt):
+        if isinstance(m, WEIGHT_TYPES) and is_batchnorm(nxt):
             found.append((name, m))
     return found
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import bn_course
-from bn_course._validate import check_enough_values as check_bn_values
+from bn_course._validate import check_enough_values
 from bn_course._validate import check_bool, check_eps, check_num_features, check_positive_int, real_number
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
@@ -70,7 +70,7 @@ def check_num_channels(x, num_channels, where):
         )
 
 
-def check_enough_values(m, shape, where, what):
+def check_values_per_group(m, shape, where, what):
     """Statistics need at least two values, or x_hat is 0 whatever the input."""
     if m <= 1:
         raise ValueError(
@@ -171,14 +171,14 @@ def layer_norm(x, normalized_shape, gamma=None, beta=None, eps=1e-5):
     check_float_tensor(x, f"{where} input")
     check_eps(eps, f"{where}: eps")
     k = len(normalized_shape)
-    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k:]) != normalized_shape:
+    if x.dim() < k or tuple(x.shape[x.dim() - k:]) != normalized_shape:
         raise ValueError(
             f"{where}: the input's last {k} dimensions must equal normalized_shape={normalized_shape}, "
             f"got input of shape {tuple(x.shape)}."
         )
     check_affine_params(gamma, beta, normalized_shape, "that of normalized_shape (one value per normalized element)",
                         where)
-    check_enough_values(int(math.prod(normalized_shape)), x.shape, where, "sample")
+    check_values_per_group(int(math.prod(normalized_shape)), x.shape, where, "sample")
     in_dtype = x.dtype
     x = x.to(compute_dtype(x, gamma, beta, where))
     dims = list(range(x.dim() - k, x.dim()))
@@ -248,7 +248,7 @@ def group_norm(x, num_groups, gamma=None, beta=None, eps=1e-5):
         raise ValueError(f"{where}: got an empty input, shape {tuple(x.shape)}: there are no samples to normalize.")
     check_affine_params(gamma, beta, (C,), per_channel_meaning(x), where)
     m = (C // num_groups) * int(math.prod(x.shape[2:]))
-    check_enough_values(m, x.shape, where, "group")
+    check_values_per_group(m, x.shape, where, "group")
     in_dtype = x.dtype
     x = x.to(compute_dtype(x, gamma, beta, where))
     grouped = x.reshape(N, num_groups, -1)               # (N, G, C/G * prod(spatial))
@@ -291,7 +291,7 @@ def instance_norm(x, gamma=None, beta=None, eps=1e-5):
     check_min_rank(x, 3, "(N, C, *spatial)", "instance_norm")
     check_eps(eps, "instance_norm: eps")
     check_affine_params(gamma, beta, (x.shape[1],), per_channel_meaning(x), "instance_norm")
-    check_enough_values(int(math.prod(x.shape[2:])), x.shape, "instance_norm", "sample and channel")
+    check_values_per_group(int(math.prod(x.shape[2:])), x.shape, "instance_norm", "sample and channel")
     in_dtype = x.dtype
     x = x.to(compute_dtype(x, gamma, beta, "instance_norm"))
     x_hat, _, _ = standardize(x, list(range(2, x.dim())), eps)
@@ -362,7 +362,7 @@ class BatchRenorm(BatchNorm):
         if not self.training:
             return super().forward(x)
         self._check(x)
-        check_bn_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
+        check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
         in_dtype = x.dtype
         x = x.to(self.running_mean.dtype)  # float16/bfloat16 input: compute in float32, as BatchNorm
         stats = {}  # BatchNormFunction fills in the batch's mu, biased var and m (no gradient)

@@ -23,16 +23,16 @@ from torch import nn
 import bn_course
 from bn_course._validate import check_positive_int
 from bn_course.data import batches
-from bn_course.fold import _is_batchnorm, bn_scale_shift, check_running_stats
+from bn_course.fold import bn_scale_shift, check_running_stats
 from bn_course.models import mlp
-from bn_course.torch_bn import check_layer_input, per_channel
+from bn_course.torch_bn import check_layer_input, is_batchnorm, per_channel
 from bn_course.train import check_model, evaluate, train
 
 
 def batchnorm_layers(model):
     """The batch norm layers of ``model``, in the order ``model.modules()`` lists them."""
     check_model(model, "batchnorm_layers")
-    return [m for m in model.modules() if _is_batchnorm(m)]
+    return [m for m in model.modules() if is_batchnorm(m)]
 
 
 @torch.no_grad()
@@ -175,7 +175,7 @@ def freeze_batchnorm(model):
     frozen = copy.deepcopy(model)
     for parent in frozen.modules():
         for name, child in list(parent.named_children()):
-            if _is_batchnorm(child):
+            if is_batchnorm(child):
                 setattr(parent, name, FrozenBatchNorm(child))
     return frozen
 

@@ -318,3 +318,8 @@ class BatchNorm(nn.Module):
         else:
             out = self._eval_forward(x)
         return out.to(in_dtype)
+
+
+def is_batchnorm(module):
+    """True for a batch norm layer: nn.BatchNorm1d/2d/3d or this module's BatchNorm (and its subclasses)."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNorm))

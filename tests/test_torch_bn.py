@@ -553,3 +553,13 @@ def test_views_and_other_layouts_match_pytorch(rank):
             for ga, gb in zip(grads_a, grads_b):
                 torch.testing.assert_close(ga, gb, **TOL[torch.float64], msg=name)
         assert_same_state(ours, theirs, TOL[torch.float64])
+
+
+def test_is_batchnorm_knows_torch_and_course_layers():
+    from bn_course import fused_bn, sync_bn
+    from bn_course.torch_bn import is_batchnorm
+    for layer in (nn.BatchNorm1d(3), nn.BatchNorm2d(3), nn.BatchNorm3d(3), nn.SyncBatchNorm(3), BatchNorm(3),
+                  fused_bn.FusedBatchNorm(3), sync_bn.SyncBatchNorm(3)):
+        assert is_batchnorm(layer), layer
+    for other in (nn.LayerNorm(3), nn.GroupNorm(1, 3), nn.InstanceNorm2d(3), nn.Linear(3, 3), None):
+        assert not is_batchnorm(other), other
