@@ -107,7 +107,11 @@ def _run(fn, use_compile, *args):
 
 
 class FusedBatchNormFunction(torch.autograd.Function):
-    """forward(x, gamma, beta, eps, use_compile) -> out, mu, var (mu and var not differentiable)."""
+    """forward(x, gamma, beta, eps, use_compile) -> out, mu, var (mu and var not differentiable).
+
+    x: (N, C, *spatial); gamma, beta: (C,) or None; out: shape (and memory layout) of x; mu, var:
+    (C,), var biased. backward(dout, _, _) -> dx (shape of x), dgamma, dbeta ((C,) or None), None, None.
+    """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps, use_compile):

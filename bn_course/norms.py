@@ -212,6 +212,7 @@ class LayerNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
     def forward(self, x):
+        """x: (*, *normalized_shape) -> the shape and dtype of x, each sample normalized over its last dims."""
         return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -273,6 +274,7 @@ class GroupNorm(nn.Module):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
 
     def forward(self, x):
+        """x: (N, C, *spatial) -> the shape of x; statistics per sample and group of C / num_groups channels."""
         check_float_tensor(x, "GroupNorm input")
         check_min_rank(x, 2, "(N, C, *spatial)", "GroupNorm")
         check_num_channels(x, self.num_channels, f"GroupNorm({self.num_groups}, {self.num_channels})")
@@ -317,6 +319,7 @@ class InstanceNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
     def forward(self, x):
+        """x: (N, C, *spatial) -> the shape of x; statistics per sample and channel, over the spatial dims."""
         check_float_tensor(x, "InstanceNorm input")
         check_min_rank(x, 3, "(N, C, *spatial)", "InstanceNorm")
         check_num_channels(x, self.num_features, f"InstanceNorm({self.num_features})")
@@ -359,6 +362,7 @@ class BatchRenorm(BatchNorm):
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
 
     def forward(self, x):
+        """x: (N, C, *spatial) -> the shape of x. Training: x_hat_B * r + d (see the class docstring); eval: BatchNorm's."""
         if not self.training:
             return super().forward(x)
         self._check(x)
@@ -420,6 +424,7 @@ class GhostBatchNorm(BatchNorm):
             )
 
     def forward(self, x):
+        """x: (N, C, *spatial) -> the shape of x. Training: BatchNorm on each ghost batch in turn; eval: BatchNorm's."""
         if not self.training:
             return super().forward(x)
         self._check(x)  # before splitting

@@ -15,7 +15,7 @@ Training mode, for each channel::
 
 import numpy as np
 
-from bn_course._validate import (check_channels, check_enough_values, check_eps, check_momentum,  # noqa: F401
+from bn_course._validate import (check_channels, check_enough_values, check_eps, check_momentum,
                                  check_positive_int, check_rank, real_number)
 
 
@@ -193,6 +193,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, eps=1e-5):
     Per channel this is one affine map, out = a * x + b, with
     a = gamma / sqrt(running_var + eps) and b = beta - a * running_mean.
     Works for any batch size, including 1.
+    x: (N, C, *spatial); gamma, beta, running_mean, running_var: (C,) -> out, shape and dtype of x.
     """
     x = _as_float_array(x, "x")
     gamma, beta = _check_params(x, gamma, beta)

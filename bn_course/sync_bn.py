@@ -75,8 +75,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """Normalize with given global statistics; the backward all-reduces the two gradient sums.
 
     forward(x, gamma, beta, mu, var, m, eps, group) -> out, shape of x.
-    ``mu`` and ``var`` come from ``sync_mean_var`` (no gradient of their own: the
-    compact backward below already accounts for x's effect through them).
+    x: this process's (N, C, *spatial); gamma, beta: (C,) or None; mu, var: (C,), the global
+    statistics from ``sync_mean_var`` (no gradient of their own: the compact backward below
+    already accounts for x's effect through them); m: the global number of values per channel.
+
+    backward(dout) -> dx (shape of x), dgamma, dbeta ((C,), the same global sums on every
+    process, or None), then None for mu, var, m, eps and group.
     """
 
     @staticmethod

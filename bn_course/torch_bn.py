@@ -276,7 +276,7 @@ class BatchNorm(nn.Module):
 
     @torch.no_grad()
     def update_running_averages(self, mu, var_unbiased):
-        """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked); mu, var: (C,)."""
+        """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked); mu, var_unbiased: (C,)."""
         self.num_batches_tracked.add_(1)
         f = self._momentum_factor()
         self.running_mean.mul_(1 - f).add_(mu.to(self.running_mean.dtype), alpha=f)
