@@ -24,6 +24,9 @@ check_batchnorm_function       a ``torch.autograd.Function`` subclass ``cls`` us
                                ``cls.apply(x, gamma, beta, eps) -> out``
 check_fold_linear              ``fn(W, c, gamma, beta, running_mean, running_var, eps)
                                -> (W_folded, b_folded)`` (torch tensors; notebook 08)
+check_batch_renorm_x_hat       ``fn(x, running_mean, running_var, r_max, d_max, eps) -> x_hat``
+                               (torch tensors, x of shape (N, C); Batch Renormalization's
+                               training-mode x_hat, r and d without gradient; notebook 09)
 =============================  =================================================================
 
 Shapes: ``x`` and ``dout`` are ``(N, C)`` or ``(N, C, *spatial)``; ``gamma``, ``beta``,
@@ -40,6 +43,7 @@ __all__ = [
     "check_running_stats_update",
     "check_batchnorm_function",
     "check_fold_linear",
+    "check_batch_renorm_x_hat",
 ]
 
 # float64 inputs: a correct answer agrees to ~1e-12; every named mistake differs by > 1e-2.
@@ -1006,3 +1010,271 @@ def check_fold_linear(fn):
                          "z = W x + c into it.")
     return _passed("x @ W_folded.T + b_folded equals the linear layer followed by the eval-mode batch "
                    "norm, for square and non-square W.")
+
+
+# ---------------------------------------------------------------------------------------
+# Batch Renormalization's training-mode x_hat (notebook 09)
+# ---------------------------------------------------------------------------------------
+
+def _renorm_case(N, channels, seed, dtype="float64"):
+    """x (N, C) whose batch mean and biased std are exactly the given ones, and the running stats.
+
+    channels: one (mu_B, sigma_B, running_mean, running_var) per channel. Returns float64 or float32
+    torch tensors (x, running_mean, running_var).
+    """
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, len(channels), generator=g, dtype=torch.float64)
+    z = (z - z.mean(dim=0)) / z.std(dim=0, unbiased=False)
+    mu, sigma, running_mean, running_var = (torch.tensor(v, dtype=torch.float64) for v in zip(*channels))
+    dt = getattr(torch, dtype)
+    return (mu + sigma * z).to(dt), running_mean.to(dt), running_var.to(dt)
+
+
+# (N, per channel (mu_B, sigma_B, running_mean, running_var), seed), r_max, d_max, eps, dtype, clipping
+RENORM_CASES = [
+    # r above r_max (channel 0) and below 1 / r_max (1), d above d_max (2) and below -d_max (3), none (4)
+    ((8, [(0.5, 2.0, 0.5, 0.9), (1.0, 0.5, 0.7, 1.9), (2.0, 1.1, -0.2, 1.3), (-1.0, 0.9, 0.8, 1.0),
+          (0.3, 1.3, 0.6, 1.1)], 1), 1.5, 0.5, 0.1, "float64", True),
+    # running statistics close to the batch's: nothing is clipped
+    ((6, [(0.4, 1.2, 0.1, 1.0), (-0.5, 0.8, -0.2, 1.1), (1.5, 2.0, 1.9, 3.0)], 2), 3.0, 5.0, 0.1, "float64", False),
+    # a longer batch, a small eps, both clips acting in both directions
+    ((16, [(3.0, 0.3, 0.0, 1.0), (-2.0, 3.0, 0.0, 1.0), (0.2, 1.0, 0.0, 1.0), (0.0, 1.5, 0.5, 2.0)], 3),
+     2.0, 1.0, 1e-3, "float64", True),
+    # float32, PyTorch's eps: the clips act on channels 0 and 1, not on 2
+    ((12, [(1.8, 3.0, 0.0, 1.0), (-2.0, 0.4, 0.5, 1.5), (0.5, 1.2, 0.2, 1.4)], 4), 2.0, 1.0, 1e-5, "float32", True),
+]
+
+
+def _renorm(x, running_mean, running_var, r_max, d_max, eps, ddof=0, eps_mode="inside", clip_r=True, clip_d=True,
+            r_lower=True, invert_r=False, d_sign=1, d_over_s_B=False, use_r=True, use_d=True, detach_r=True,
+            detach_d=True, detach_stats=False):
+    """Batch Renorm's training-mode x_hat for x (N, C), with switches that reproduce the common mistakes.
+
+    Without switches it equals bn_course.norms.BatchRenorm(C, affine=False) in training mode (tested).
+    eps_mode: "inside" (right), "outside" sqrt(var) + eps, "ignored" (eps = 1e-5 whatever is passed).
+    """
+    import torch
+    mu_B = x.mean(dim=0)
+    var_B = ((x - mu_B) ** 2).sum(dim=0) / (x.shape[0] - ddof)
+    e = 1e-5 if eps_mode == "ignored" else eps
+    if eps_mode == "outside":
+        s_B, s_run = torch.sqrt(var_B) + eps, torch.sqrt(running_var) + eps
+    else:
+        s_B, s_run = torch.sqrt(var_B + e), torch.sqrt(running_var + e)
+    if detach_stats:
+        mu_B, s_B = mu_B.detach(), s_B.detach()
+    r = s_run / s_B if invert_r else s_B / s_run
+    d = d_sign * (mu_B - running_mean) / (s_B if d_over_s_B else s_run)
+    r = r.detach() if detach_r else r
+    d = d.detach() if detach_d else d
+    if clip_r:
+        r = r.clamp(1 / r_max, r_max) if r_lower else r.clamp(max=r_max)
+    if clip_d:
+        d = d.clamp(-d_max, d_max)
+    return (x - mu_B) / s_B * (r if use_r else 1.0) + (d if use_d else 0.0)
+
+
+def _renorm_reference(x, running_mean, running_var, r_max, d_max, eps):
+    """x_hat from the package's BatchRenorm (affine=False, training mode), in x's dtype, with x's graph."""
+    import torch
+
+    from bn_course import norms
+    layer = norms.BatchRenorm(x.shape[1], eps=eps, r_max=r_max, d_max=d_max, affine=False).to(x.dtype)
+    with torch.no_grad():
+        layer.running_mean.copy_(running_mean)
+        layer.running_var.copy_(running_var)
+    return layer.train()(x)
+
+
+RENORM_MISTAKES = [
+    ("no clipping",
+     "you used r = s_B / s_run and d = (mu_B - running_mean) / s_run without clipping them. Unclipped, "
+     "x_hat is exactly (x - running_mean) / s_run, the inference transform, and a bad running estimate "
+     "(early in training) takes over. Clip both: r to [1 / r_max, r_max] with .clamp(1 / r_max, r_max), "
+     "d to [-d_max, d_max] with .clamp(-d_max, d_max).", {"clip_r": False, "clip_d": False}),
+    ("r not clipped",
+     "d is clipped but r is not. r = (s_B / s_run).clamp(1 / r_max, r_max): the correction of the scale "
+     "stays within a factor r_max.", {"clip_r": False}),
+    ("d not clipped",
+     "r is clipped but d is not. d = ((mu_B - running_mean) / s_run).clamp(-d_max, d_max): the correction "
+     "of the shift stays within d_max running standard deviations.", {"clip_d": False}),
+    ("r clipped only from above",
+     "r must stay between 1 / r_max and r_max; you clipped it at r_max only (.clamp(max=r_max), or "
+     ".clamp(-r_max, r_max), whose lower bound never acts since r > 0). A batch whose spread is much "
+     "smaller than the running one then gets an r close to 0. Use .clamp(1 / r_max, r_max).",
+     {"r_lower": False}),
+    ("r inverted",
+     "you computed r = s_run / s_B; it is r = s_B / s_run. Then, where nothing is clipped, "
+     "(x - mu_B) / s_B * r = (x - mu_B) / s_run: the batch's standard deviation cancels and the running "
+     "one is left, as at inference.", {"invert_r": True}),
+    ("d with the wrong sign",
+     "you computed d = (running_mean - mu_B) / s_run; it is d = (mu_B - running_mean) / s_run. Then, where "
+     "nothing is clipped, (x - mu_B) / s_run + d = (x - running_mean) / s_run, the inference transform.",
+     {"d_sign": -1}),
+    ("unbiased variance",
+     "your s_B uses the batch variance divided by m - 1 (torch.var's default, unbiased=True). Batch "
+     "renorm normalizes like batch norm, with the biased variance: x.var(dim=0, unbiased=False), the mean "
+     "of (x - mu_B)**2. (It shows where r is clipped: elsewhere s_B cancels out of x_hat.)", {"ddof": 1}),
+    ("epsilon outside the square root",
+     "you computed sqrt(var) + eps. Epsilon belongs inside, with the variance: s_B = sqrt(var_B + eps) "
+     "and s_run = sqrt(running_var + eps).", {"eps_mode": "outside"}),
+    ("epsilon ignored",
+     "your result does not use the eps argument (a hard-coded 1e-5, or none). Use the eps you are given, "
+     "in both s_B = sqrt(var_B + eps) and s_run = sqrt(running_var + eps).", {"eps_mode": "ignored"}),
+    ("d divided by s_B",
+     "d measures how far the batch mean is from the running mean in running standard deviations: "
+     "d = (mu_B - running_mean) / s_run, not / s_B.", {"d_over_s_B": True}),
+    ("r and d not applied",
+     "you returned batch norm's x_hat_B = (x - mu_B) / s_B. Batch renorm corrects it: "
+     "x_hat = x_hat_B * r + d.", {"use_r": False, "use_d": False}),
+    ("r not applied",
+     "you added d but did not multiply by r: x_hat = (x - mu_B) / s_B * r + d.", {"use_r": False}),
+    ("d not added",
+     "you multiplied by r but did not add d: x_hat = (x - mu_B) / s_B * r + d.", {"use_d": False}),
+]
+RENORM_GRAD_MISTAKES = [
+    ("r and d not detached",
+     "x_hat is right, but the gradient flows through r and d. They are constants in the backward pass: "
+     "r = (s_B / s_run).detach().clamp(1 / r_max, r_max), and d likewise, so that dx_hat/dx is r times "
+     "batch norm's Jacobian. With the gradient through them, where nothing is clipped, "
+     "x_hat = (x - running_mean) / s_run and the gradient ignores that mu_B and s_B depend on x, as if the "
+     "layer did not normalize the batch at all.", {"detach_r": False, "detach_d": False}),
+    ("r not detached",
+     "x_hat is right and d is a constant, but the gradient flows through r (into s_B). r is a constant in "
+     "the backward pass: r = (s_B / s_run).detach().clamp(1 / r_max, r_max), so that dx_hat/dx is r times "
+     "batch norm's Jacobian.", {"detach_r": False}),
+    ("d not detached",
+     "x_hat is right and r is a constant, but the gradient flows through d (into mu_B). d is a constant in "
+     "the backward pass: d = ((mu_B - running_mean) / s_run).detach().clamp(-d_max, d_max), so that "
+     "dx_hat/dx is r times batch norm's Jacobian.", {"detach_d": False}),
+    ("batch statistics detached",
+     "x_hat is right, but no gradient flows through mu_B and s_B (detached, or computed from x.detach()). "
+     "Only r and d are constants: mu_B and s_B depend on x, and the gradient must see it, as in batch "
+     "norm, so that dx_hat/dx is r times batch norm's Jacobian.", {"detach_stats": True}),
+]
+RENORM_TORCH_HINT = (" This exercise is in PyTorch: compute with torch operations on the tensors you are "
+                     "given (x.mean(dim=0), x.var(dim=0, unbiased=False), torch.sqrt, .clamp, .detach()), "
+                     "so that autograd can follow, and return a tensor.")
+
+
+def _renorm_diagnose(value, expected, mistakes, compute):
+    """The first (name, why) whose variant (compute(options), as NumPy) matches value and differs from expected."""
+    for name, why, options in mistakes:
+        wrong = compute(options)
+        if not np.allclose(wrong, expected, rtol=RTOL, atol=ATOL) and _matches(value, wrong):
+            return name, why
+    return None
+
+
+@_never_raises
+def check_batch_renorm_x_hat(fn):
+    """Check ``fn(x, running_mean, running_var, r_max, d_max, eps) -> x_hat`` (torch tensors; notebook 09).
+
+    x: (N, C); running_mean, running_var: (C,); x_hat: (N, C), Batch Renormalization's training-mode
+    ``(x - mu_B) / s_B * r + d`` with ``s_B = sqrt(var_B + eps)`` (biased var_B), ``s_run =
+    sqrt(running_var + eps)``, ``r = clip(s_B / s_run, 1 / r_max, r_max)``, ``d = clip((mu_B -
+    running_mean) / s_run, -d_max, d_max)``, r and d without gradient. The reference is
+    ``bn_course.norms.BatchRenorm(C, affine=False)`` in training mode. Several shapes, with the clips acting
+    and not, float64 (also the gradient with respect to x) and float32. Prints what is wrong (naming common
+    mistakes) and returns True or False; never raises.
+    """
+    import torch
+    if not callable(fn):
+        return _fail("expected a function fn(x, running_mean, running_var, r_max, d_max, eps), "
+                     f"got {type(fn).__name__}.")
+    for (N, channels, seed), r_max, d_max, eps, dtype, clipping in RENORM_CASES:
+        x, running_mean, running_var = _renorm_case(N, channels, seed, dtype)
+        shape = tuple(x.shape)
+        where = (f"on x of shape {shape} ({dtype}), r_max={r_max}, d_max={d_max}, eps={eps} "
+                 f"({'the clips act on some channels' if clipping else 'nothing is clipped'}): ")
+        x_leaf = x.clone().requires_grad_(dtype == "float64")
+        x_in = x_leaf.clone()  # what the learner gets; x_leaf is what the gradient is taken for
+        mean_in, var_in = running_mean.clone(), running_var.clone()
+        try:
+            out = _call(fn, x_in, mean_in, var_in, r_max, d_max, eps)
+        except _NotAttempted as stub:
+            return _not_attempted("batch_renorm_x_hat", stub.returned_none)
+        except _Raised as err:
+            text = str(err)
+            hint = ""
+            if "numpy" in text.lower():
+                hint = RENORM_TORCH_HINT
+            elif "must match the size" in text or "size of tensor" in text:
+                hint = (" mu_B and var_B hold one value per channel, shape (C,): reduce over the batch, "
+                        "x.mean(dim=0), and broadcast them against x (N, C) as they are.")
+            return _fail(where + f"your function raised {text.rstrip('.')}." + hint)
+        changed = [name for name, new, old in (("x", x_in, x), ("running_mean", mean_in, running_mean),
+                                               ("running_var", var_in, running_var))
+                   if not (new.shape == old.shape and torch.equal(new.detach(), old))]
+        if changed:
+            return _fail(where + f"your function changed {' and '.join(changed)} in place (x -= mu_B, "
+                         "running_mean.mul_(...), ...), so the caller's tensors now hold other numbers. x_hat "
+                         "only reads the running statistics (their update is a separate step, as in BN): "
+                         "compute into new tensors instead.")
+        if isinstance(out, (tuple, list)):
+            return _fail(where + f"fn returned a {type(out).__name__} of {len(out)} items; it should return "
+                         "only x_hat, one tensor of shape (N, C).")
+        if isinstance(out, np.ndarray):
+            return _fail(where + "fn returned a NumPy array." + RENORM_TORCH_HINT)
+        if not isinstance(out, torch.Tensor):
+            return _fail(where + f"fn returned {type(out).__name__}; it should return x_hat, a tensor of "
+                         "shape (N, C).")
+        expected_t = _renorm_reference(x_leaf.detach().double(), running_mean.double(), running_var.double(),
+                                       r_max, d_max, eps)
+        expected = expected_t.detach().cpu().numpy()
+        value = out.detach().cpu().numpy()
+        float32 = dtype == "float32"
+        problem = _compare(value, expected, "x_hat", *((FLOAT32_RTOL, FLOAT32_ATOL) if float32 else ()))
+        if problem:
+            if _is_structural(problem):
+                return _fail(where + problem)
+
+            def variant(options):
+                return _renorm(x.double(), running_mean.double(), running_var.double(), r_max, d_max, eps,
+                               **options).detach().cpu().numpy()
+            found = _renorm_diagnose(value, expected, RENORM_MISTAKES, variant)
+            if found:
+                return _fail(where + f"{found[0]}: {found[1]}")
+            if float32:
+                return _fail(where + problem + " Your function is right on float64 input: does it treat "
+                             "float32 input differently?")
+            return _fail(where + problem + " Check the steps: mu_B and the biased var_B over dim 0, "
+                         "s_B = sqrt(var_B + eps), s_run = sqrt(running_var + eps), r and d clipped, "
+                         "x_hat = (x - mu_B) / s_B * r + d.")
+        if out.dtype != x.dtype:
+            return _fail(where + f"a {x.dtype} input gave a {out.dtype} output. Keep the input's dtype "
+                         "(no .double(), .float() or dtype=... in the computation).")
+        if float32:
+            continue
+        # the gradient: dx_hat/dx = r * (batch norm's Jacobian), checked on a random projection of x_hat
+        if not out.requires_grad:
+            return _fail(where + "x_hat does not require grad: was it computed under torch.no_grad(), or "
+                         "detached as a whole? Only r and d are constants; the gradient flows through "
+                         "mu_B and s_B.")
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(50 + seed), dtype=torch.float64)
+        try:
+            grad = torch.autograd.grad((out * w).sum(), x_leaf, allow_unused=True)[0]
+        except Exception as err:  # noqa: BLE001 - a broken graph in the learner's code
+            return _fail(where + f"taking the gradient of your x_hat failed with {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}")
+        if grad is None:
+            return _fail(where + "x_hat does not depend on x for autograd (computed from x.detach(), or "
+                         "from a new tensor?): the gradient must flow back to x through x - mu_B, mu_B "
+                         "and s_B.")
+        grad = grad.detach().cpu().numpy()
+        expected_grad = torch.autograd.grad((_renorm_reference(x_leaf, running_mean, running_var, r_max,
+                                                               d_max, eps) * w).sum(), x_leaf)[0].numpy()
+        problem = _compare(grad, expected_grad, "the gradient of x_hat with respect to x")
+        if problem:
+            def grad_variant(options):
+                return torch.autograd.grad((_renorm(x_leaf, running_mean, running_var, r_max, d_max, eps,
+                                                    **options) * w).sum(), x_leaf)[0].numpy()
+            found = _renorm_diagnose(grad, expected_grad, RENORM_GRAD_MISTAKES, grad_variant)
+            if found:
+                return _fail(where + f"{found[0]}: {found[1]}")
+            return _fail(where + problem + " r and d are constants in the backward pass (.detach() them) "
+                         "while mu_B and s_B keep their gradient: dx_hat/dx is r times batch norm's "
+                         "Jacobian.")
+    return _passed("x_hat and its gradient match bn_course.norms.BatchRenorm (affine=False), with the clips "
+                   "acting and not, on several shapes, in float64 and float32.")

@@ -674,6 +674,187 @@ def test_fold_fixed_eps_is_not_called_left_out(capsys):
     assert not ok and "epsilon left out" not in out, out
 
 
+# ---------------------------------------------------------------------- batch renorm x_hat
+
+def renorm_solution(x, running_mean, running_var, r_max, d_max, eps):
+    mu_B = x.mean(dim=0)
+    s_B = torch.sqrt(x.var(dim=0, unbiased=False) + eps)
+    s_run = torch.sqrt(running_var + eps)
+    r = (s_B / s_run).detach().clamp(1 / r_max, r_max)
+    d = ((mu_B - running_mean) / s_run).detach().clamp(-d_max, d_max)
+    return (x - mu_B) / s_B * r + d
+
+
+def renorm_variant(unbiased=False, eps_outside=False, eps_value=None, clip_r=True, clip_d=True, r_lower=True,
+                   invert_r=False, d_sign=1, d_over_s_B=False, use_r=True, use_d=True, detach_r=True,
+                   detach_d=True, detach_stats=False):
+    """A learner's batch_renorm_x_hat with one piece changed (written as a learner would, not as the checker)."""
+    def fn(x, running_mean, running_var, r_max, d_max, eps):
+        eps = eps if eps_value is None else eps_value
+        mu_B, var_B = x.mean(dim=0), x.var(dim=0, unbiased=unbiased)
+        std = (lambda v: v.sqrt() + eps) if eps_outside else (lambda v: (v + eps).sqrt())
+        s_B, s_run = std(var_B), std(running_var)
+        if detach_stats:
+            mu_B, s_B = mu_B.detach(), s_B.detach()
+        r = s_run / s_B if invert_r else s_B / s_run
+        d = d_sign * (mu_B - running_mean) / (s_B if d_over_s_B else s_run)
+        r, d = (r.detach() if detach_r else r), (d.detach() if detach_d else d)
+        if clip_r:
+            r = torch.clamp(r, 1 / r_max, r_max) if r_lower else torch.clamp(r, -r_max, r_max)
+        if clip_d:
+            d = torch.clamp(d, -d_max, d_max)
+        x_hat = (x - mu_B) / s_B
+        if use_r:
+            x_hat = x_hat * r
+        return x_hat + d if use_d else x_hat
+    return fn
+
+
+RENORM_MISTAKES = {
+    "no clipping": renorm_variant(clip_r=False, clip_d=False),
+    "r not clipped": renorm_variant(clip_r=False),
+    "d not clipped": renorm_variant(clip_d=False),
+    "r clipped only from above": renorm_variant(r_lower=False),
+    "r inverted": renorm_variant(invert_r=True),
+    "d with the wrong sign": renorm_variant(d_sign=-1),
+    "unbiased variance": renorm_variant(unbiased=True),
+    "epsilon outside the square root": renorm_variant(eps_outside=True),
+    "epsilon ignored": renorm_variant(eps_value=1e-5),
+    "d divided by s_B": renorm_variant(d_over_s_B=True),
+    "r and d not applied": renorm_variant(use_r=False, use_d=False),
+    "r not applied": renorm_variant(use_r=False),
+    "d not added": renorm_variant(use_d=False),
+    "r and d not detached": renorm_variant(detach_r=False, detach_d=False),
+    "r not detached": renorm_variant(detach_r=False),
+    "d not detached": renorm_variant(detach_d=False),
+    "batch statistics detached": renorm_variant(detach_stats=True),
+}
+
+
+def test_renorm_tables_cover_every_mistake():
+    named = {name for name, _, _ in checks.RENORM_MISTAKES + checks.RENORM_GRAD_MISTAKES}
+    assert named == set(RENORM_MISTAKES)
+
+
+def test_renorm_reference_equals_the_package_and_float64_by_hand():
+    """The checker's _renorm (no switches) equals norms.BatchRenorm, and a float64 computation by hand."""
+    for (N, channels, seed), r_max, d_max, eps, dtype, _ in checks.RENORM_CASES:
+        x, rm, rv = checks._renorm_case(N, channels, seed, "float64")
+        x = x.requires_grad_(True)
+        ours = checks._renorm(x, rm, rv, r_max, d_max, eps)
+        package = checks._renorm_reference(x, rm, rv, r_max, d_max, eps)
+        by_hand = renorm_solution(x, rm, rv, r_max, d_max, eps)
+        w = torch.randn_like(x)
+        grads = [torch.autograd.grad((t * w).sum(), x)[0] for t in (ours, package, by_hand)]
+        for t, g in ((package, grads[1]), (by_hand, grads[2])):
+            assert torch.allclose(ours, t, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(grads[0], g, rtol=1e-12, atol=1e-12)
+
+
+def test_renorm_cases_check_both_branches_of_the_clips():
+    """Each case says whether the clips act; the clipping cases clip r above and below and d both ways."""
+    both_ways = 0
+    for (N, channels, seed), r_max, d_max, eps, dtype, clipping in checks.RENORM_CASES:
+        x, rm, rv = checks._renorm_case(N, channels, seed, dtype)
+        x, rm, rv = x.double(), rm.double(), rv.double()
+        s_B, s_run = torch.sqrt(x.var(dim=0, unbiased=False) + eps), torch.sqrt(rv + eps)
+        r, d = s_B / s_run, (x.mean(dim=0) - rm) / s_run
+        r_hi, r_lo, d_out = r > r_max, r < 1 / r_max, d.abs() > d_max
+        assert bool((r_hi | r_lo | d_out).any()) == clipping
+        assert bool((~r_hi & ~r_lo & ~d_out).any())  # and a channel with nothing clipped
+        # no raw value within 5% of a bound, so float32 rounding cannot move a channel across it
+        for value, bound in ((r, r_max), (r, 1 / r_max), (d.abs(), d_max)):
+            assert bool(((value - bound).abs() > 0.05 * bound).all())
+        both_ways += bool(r_hi.any() and r_lo.any() and (d > d_max).any() and (d < -d_max).any())
+    assert both_ways >= 2
+    assert {case[4] for case in checks.RENORM_CASES} == {"float32", "float64"}
+    assert len({(case[0][0], len(case[0][1])) for case in checks.RENORM_CASES}) == len(checks.RENORM_CASES)
+
+
+def test_renorm_accepts_correct(capsys):
+    ok, out = run(checks.check_batch_renorm_x_hat, renorm_solution, capsys)
+    assert ok and "Correct" in out, out
+
+    def through_the_package(x, running_mean, running_var, r_max, d_max, eps):
+        from bn_course import norms
+        layer = norms.BatchRenorm(x.shape[1], eps=eps, r_max=r_max, d_max=d_max, affine=False).to(x.dtype)
+        layer.running_mean.copy_(running_mean)
+        layer.running_var.copy_(running_var)
+        return layer(x)
+    assert run(checks.check_batch_renorm_x_hat, through_the_package, capsys)[0]
+
+
+@pytest.mark.parametrize("fn", [stub, returns_none], ids=["raises", "returns None"])
+def test_renorm_stub_is_not_attempted(fn, capsys):
+    ok, out = run(checks.check_batch_renorm_x_hat, fn, capsys)
+    assert not ok and "Not attempted yet" in out
+    assert ("return` statement" in out) == (fn is returns_none)
+
+
+@pytest.mark.parametrize("name", RENORM_MISTAKES)
+def test_renorm_names_each_mistake(name, capsys):
+    ok, out = run(checks.check_batch_renorm_x_hat, RENORM_MISTAKES[name], capsys)
+    assert not ok and out.startswith("Not quite: on x of shape")
+    assert f": {name}:" in out, out
+
+
+def _renorm_in_place(what):
+    def fn(x, running_mean, running_var, r_max, d_max, eps):
+        x_hat = renorm_solution(x, running_mean, running_var, r_max, d_max, eps)
+        with torch.no_grad():
+            {"x": x, "running_mean": running_mean, "running_var": running_var}[what].mul_(0.9)
+        return x_hat
+    return fn
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (boom, "ZeroDivisionError: learner bug"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x, rm, rv, r_max, d_max, eps)[:, :2], "has shape"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x, rm, rv, r_max, d_max, eps).T, "has shape"),
+    (lambda x, rm, rv, r_max, d_max, eps: x.mean(dim=0), "has shape"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x, rm, rv, r_max, d_max, eps).detach().numpy(),
+     "fn returned a NumPy array"),
+    (lambda x, rm, rv, r_max, d_max, eps: np.asarray(x.detach()), "fn returned a NumPy array"),
+    (lambda x, rm, rv, r_max, d_max, eps: (renorm_solution(x, rm, rv, r_max, d_max, eps), rm), "tuple of 2 items"),
+    (lambda x, rm, rv, r_max, d_max, eps: [renorm_solution(x, rm, rv, r_max, d_max, eps)], "list of 1 items"),
+    (lambda x, rm, rv, r_max, d_max, eps: "x_hat", "fn returned str"),
+    (lambda x, rm, rv, r_max, d_max, eps: x * float("nan"), "NaN"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x, rm, rv, r_max, d_max, eps) + 1e-3,
+     "largest absolute difference"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x, rm, rv, r_max, d_max, eps).float(),
+     "float64 input gave a torch.float32 output"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x.double(), rm.double(), rv.double(), r_max, d_max, eps),
+     "float32 input gave a torch.float64 output"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x, rm, rv, r_max, d_max, eps).detach(),
+     "does not require grad"),
+    (lambda x, rm, rv, r_max, d_max, eps: renorm_solution(x.detach().requires_grad_(), rm, rv, r_max, d_max, eps),
+     "does not depend on x"),
+    (lambda x, rm, rv, r_max, d_max, eps: torch.from_numpy((x.numpy() - x.numpy().mean(0))),
+     "This exercise is in PyTorch"),
+    (lambda x, rm, rv, r_max, d_max, eps: x - x.mean(dim=1), "one value per channel"),
+    (lambda x, rm, rv, r_max, d_max, eps: torch.zeros_like(x) if x.dtype == torch.float32
+     else renorm_solution(x, rm, rv, r_max, d_max, eps), "right on float64 input"),
+    (_renorm_in_place("x"), "changed x in place"),
+    (_renorm_in_place("running_mean"), "changed running_mean in place"),
+    (_renorm_in_place("running_var"), "changed running_var in place"),
+    (lambda x: x, "TypeError"),
+    (42, "expected a function"),
+])
+def test_renorm_never_raises_on_broken_answers(fn, needle, capsys):
+    ok, out = run(checks.check_batch_renorm_x_hat, fn, capsys)
+    assert not ok and out.startswith("Not quite:") and needle in out, out
+
+
+def test_renorm_mistake_is_named_only_where_it_shows(capsys):
+    """A case where a mistake gives the right numbers (no clipping, nothing clipped) does not name it."""
+    def off_in_the_last_digits(x, rm, rv, r_max, d_max, eps):  # right, then off by 5e-5 where nothing is clipped
+        x_hat = renorm_solution(x, rm, rv, r_max, d_max, eps)
+        return x_hat + 5e-5 if r_max == 3.0 else x_hat
+    ok, out = run(checks.check_batch_renorm_x_hat, off_in_the_last_digits, capsys)
+    assert not ok and "nothing is clipped" in out and "largest absolute difference" in out, out
+    assert "no clipping" not in out and "not clipped" not in out, out
+
+
 # ---------------------------------------------------------------------------- never raises
 
 class Hostile:
@@ -687,7 +868,7 @@ class Hostile:
 
 
 @pytest.mark.parametrize("checker", [checks.check_batchnorm_forward, checks.check_batchnorm_backward,
-                                     checks.check_running_stats_update])
+                                     checks.check_running_stats_update, checks.check_batch_renorm_x_hat])
 def test_hostile_return_values_do_not_escape(checker, capsys):
     ok, out = run(checker, lambda *args: Hostile(), capsys)
     assert not ok and out.startswith("Not quite:"), out
