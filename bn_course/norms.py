@@ -110,16 +110,17 @@ def per_channel_meaning(x):
 
 
 def compute_dtype(x, gamma, beta, where):
-    """The dtype to normalize x in: x's own, or float32 for float16/bfloat16 input with float32
-    gamma or beta (mixed precision, as in torch and the course's BatchNorm; the output is then
-    converted back to x's dtype). Any other dtype mismatch between x and gamma or beta is an error."""
-    dtype = x.dtype
+    """The dtype to normalize x in: x's own, or float32 for float16/bfloat16 input, whether gamma and
+    beta are float32 (mixed precision), x's dtype or None: torch's layer_norm, group_norm and
+    instance_norm also compute in float32 and round the output once (in float16 the variance of
+    values with a std above 256 would overflow to inf and the output silently collapse to beta).
+    The output is converted back to x's dtype. Any other dtype mismatch between x and gamma or beta
+    is an error."""
+    dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p is None or p.dtype == x.dtype:
             continue
-        if x.dtype in LOW_PRECISION and p.dtype == torch.float32:
-            dtype = torch.float32
-        else:
+        if not (x.dtype in LOW_PRECISION and p.dtype == torch.float32):
             raise TypeError(f"{where}: {name} has dtype {p.dtype} but the input has dtype {x.dtype}; "
                             f"convert one so that they match, e.g. x.to({p.dtype}), or {name}.to({x.dtype}) "
                             f"(for a module: module.to({x.dtype})).")

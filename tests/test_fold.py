@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_course.fold import (benchmark_folding, count_batchnorms, fold_batchnorm, fold_sequential,
+from bn_course.fold import (benchmark_folding, bn_scale_shift, count_batchnorms, fold_batchnorm, fold_sequential,
                             format_table, small_cnn)
 from bn_course.torch_bn import BatchNorm
 
@@ -334,3 +334,68 @@ def test_benchmark_folding_puts_the_thread_count_back():
     rows = benchmark_folding(batch_sizes=(2,), repeats=2, threads=1 if before != 1 else 2)
     assert torch.get_num_threads() == before
     assert rows[0]["batch_size"] == 2 and rows[0]["max_abs_error"] < 1e-5
+
+
+# --- gaps: folding into float16/bfloat16 layers (batch norm in the same dtype or in float32) ---
+
+def rounding_bound(layer, bn, x, carried=None):
+    """Elementwise bound on |fold_batchnorm(layer, bn)(x) - bn(layer(x))| when layer is in float16/bfloat16.
+
+    With a = gamma / sqrt(running_var + eps) and M = |a| * (|W| applied to |x|) + |a * c| + |beta - a * mu|
+    (in float64): the folded layer rounds each folded weight (relative error <= eps/2, so <= eps/2 * M in
+    the sum) and its output (<= eps/2 * M); the unfolded pair rounds z = layer(x) (<= eps/2 * |a z| <= eps/2 * M)
+    and batch norm's output (<= eps/2 * M), a little more with the BN's own parameters in the low dtype.
+    So 2 * eps * M, eps the dtype's machine epsilon (2**-10, 2**-7). ``carried``: an elementwise bound on
+    the difference already in the input x, which the layer and batch norm multiply by |a| * |W|.
+    """
+    a, b = bn_scale_shift(bn)
+    magnitudes = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        magnitudes.weight.abs_()
+        magnitudes.bias = None
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        c = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
+        M = (magnitudes(x.double().abs()) * a.abs().reshape(shape) + (a * c).abs().reshape(shape)
+             + b.abs().reshape(shape))
+        bound = 2 * torch.finfo(layer.weight.dtype).eps * M
+        if carried is not None:
+            bound = bound + magnitudes(carried) * a.abs().reshape(shape)
+    return bound
+
+
+@pytest.mark.parametrize("bn_dtype", ["same", "float32"], ids=["bn_same_dtype", "bn_float32"])
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_folding_half_precision_layers(low, bn_dtype):
+    """Conv2d and Linear converted with .to(low), then batch norm (eps=0.1, so where eps goes shows above
+    the rounding) in the same dtype or in float32 (mixed precision): fold_batchnorm and fold_sequential
+    keep the layer's dtype and equal the unfolded model in eval mode to within ``rounding_bound``."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        conv, bn2 = nn.Conv2d(4, 6, 3, padding=1).to(low), trained_like_bn(nn.BatchNorm2d, 6, seed)
+        linear, bn1 = nn.Linear(6 * 5 * 5, 7).to(low), trained_like_bn(nn.BatchNorm1d, 7, seed + 10)
+        for bn in (bn2, bn1):
+            bn.eps = 0.1
+            if bn_dtype == "same":
+                bn.to(low)
+        model = nn.Sequential(conv, bn2, nn.ReLU(), nn.Flatten(), linear, bn1).eval()
+        x = torch.randn(3, 4, 5, 5, generator=g).to(low)
+        folded_conv, folded_linear = fold_batchnorm(conv, bn2), fold_batchnorm(linear, bn1)
+        folded = fold_sequential(model)
+        assert count_batchnorms(folded) == 0
+        for layer in (folded_conv, folded_linear, folded[0], folded[4]):
+            assert layer.weight.dtype == layer.bias.dtype == low
+        for mine, by_pair in ((folded[0], folded_conv), (folded[4], folded_linear)):
+            assert torch.equal(mine.weight, by_pair.weight) and torch.equal(mine.bias, by_pair.bias)
+        with torch.no_grad():
+            z_expected, z_got = bn2(conv(x)), folded_conv(x)
+            assert z_expected.dtype == z_got.dtype == low
+            bound = rounding_bound(conv, bn2, x)
+            assert ((z_got.double() - z_expected.double()).abs() <= bound).all(), \
+                float(((z_got.double() - z_expected.double()).abs() / bound).max())
+            h = nn.Flatten()(torch.relu(z_expected))  # ReLU does not increase a difference
+            out_expected, out_got = model(x), folded(x)
+            assert out_expected.dtype == out_got.dtype == low
+            bound = rounding_bound(linear, bn1, h, carried=nn.Flatten()(bound))
+            assert ((out_got.double() - out_expected.double()).abs() <= bound).all(), \
+                float(((out_got.double() - out_expected.double()).abs() / bound).max())

@@ -521,3 +521,96 @@ def test_batch_renorm_and_ghost_bn_options_match_torch(dtype, options):
             torch.testing.assert_close(getattr(ours, buffer), getattr(theirs, buffer), **tol(dtype))
         x = (torch.randn(1, 5, 3) + 1).to(dtype)
         torch.testing.assert_close(ours.eval()(x), theirs.eval()(x), **tol(dtype))
+
+
+# --- gaps: float16/bfloat16 outputs and gradients against torch.nn, for LayerNorm, GroupNorm, InstanceNorm ---
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+HALF_CASES = [  # (id, ours, torch's, input shape); eps=0.1 so that where eps goes shows above the rounding
+    ("layer_norm_last_dim", lambda: LayerNorm(6, eps=0.1), lambda: nn.LayerNorm(6, eps=0.1), (8, 6)),
+    ("layer_norm_chw", lambda: LayerNorm((6, 4, 5), eps=0.1), lambda: nn.LayerNorm((6, 4, 5), eps=0.1), (3, 6, 4, 5)),
+    ("group_norm_3d", lambda: GroupNorm(3, 6, eps=0.1), lambda: nn.GroupNorm(3, 6, eps=0.1), (3, 6, 4)),
+    ("group_norm_4d", lambda: GroupNorm(2, 6, eps=0.1), lambda: nn.GroupNorm(2, 6, eps=0.1), (3, 6, 4, 5)),
+    ("instance_norm_1d", lambda: InstanceNorm(6, eps=0.1, affine=True),
+     lambda: nn.InstanceNorm1d(6, eps=0.1, affine=True), (3, 6, 10)),
+    ("instance_norm_2d", lambda: InstanceNorm(6, eps=0.1, affine=True),
+     lambda: nn.InstanceNorm2d(6, eps=0.1, affine=True), (3, 6, 4, 5)),
+    ("instance_norm_3d", lambda: InstanceNorm(6, eps=0.1, affine=True),
+     lambda: nn.InstanceNorm3d(6, eps=0.1, affine=True), (2, 6, 3, 4, 5)),
+]
+
+
+def out_and_grads(layer, x, dout):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    return [out.detach(), *torch.autograd.grad(out, (x, layer.weight, layer.bias), dout)]
+
+
+@pytest.mark.parametrize("params", ["float32", "input"], ids=["float32_params", "params_in_input_dtype"])
+@pytest.mark.parametrize("low", LOW_PRECISION, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("make_ours,make_theirs,shape", [c[1:] for c in HALF_CASES], ids=[c[0] for c in HALF_CASES])
+def test_half_precision_outputs_and_gradients_match_torch(make_ours, make_theirs, shape, low, params):
+    """float16/bfloat16 input with float32 parameters (mixed precision) or with parameters in the input's dtype
+    (module.to(low)); torch supports both on the CPU and computes in float32, rounding the result once.
+    out and dx come back in the input's dtype, dweight and dbias in the parameters'.
+
+    Tolerance: 2 units of the input dtype's rounding (eps = 2**-10 or 2**-7) times the largest |value| of the
+    quantity, and the same against the exact (float64) answer. Not assert_close's float32 default even for
+    float32 parameters: torch's CPU backward rounds intermediate values (x_hat, dout * x_hat) to the input's
+    dtype, so its float32 dweight and dbias are up to one such unit off the exact values (ours are not)."""
+    eps = torch.finfo(low).eps
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        ours, theirs, exact = make_ours(), make_theirs(), make_theirs().double()
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5, generator=g)
+            ours.bias.normal_(generator=g)
+        theirs.load_state_dict(ours.state_dict())
+        exact.load_state_dict(ours.state_dict())
+        if params == "input":
+            ours, theirs = ours.to(low), theirs.to(low)
+        x = (torch.randn(shape, generator=g) * 3 + 2).to(low)
+        dout = torch.randn(shape, generator=g).to(low)
+        got, expected = out_and_grads(ours, x, dout), out_and_grads(theirs, x, dout)
+        reference = out_and_grads(exact, x.double(), dout.double())
+        param_dtype = torch.float32 if params == "float32" else low
+        for name, a, b, r, dtype in zip(("out", "dx", "dweight", "dbias"), got, expected, reference,
+                                        (low, low, param_dtype, param_dtype)):
+            assert a.dtype == b.dtype == dtype, (name, a.dtype, b.dtype)
+            unit = eps * r.abs().max().item()
+            for what, target in (("torch", b), ("float64", r)):
+                err = (a.double() - target.double()).abs().max().item()
+                assert err <= 2 * unit, f"seed {seed}, {name} vs {what}: {err:.3g} > 2 units = {2 * unit:.3g}"
+
+
+@pytest.mark.parametrize("params", [None, torch.float16, torch.float32], ids=["no_params", "float16", "float32"])
+def test_float16_with_a_std_above_256_matches_torch(params):
+    """A float16 variance overflows past 65504 (a std of 256): computed in float16, x_hat was
+    (x - mu) * rsqrt(inf) = 0 and the output silently beta. torch computes in float32, so must we,
+    also without parameters or with float16 ones. The functional forms, against torch.nn.functional
+    in float16 and in float64, to 2 units of float16 rounding (2**-10) of the largest |out| (torch's
+    float16 instance_norm is itself one unit off the float64 answer here; layer_norm and group_norm agree
+    with it exactly)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 6, 8, generator=g) * 400 + 100).half()
+    gamma = beta = gamma_ln = beta_ln = None
+    if params is not None:
+        gamma, beta = torch.rand(6, generator=g).to(params) + 0.5, torch.randn(6, generator=g).to(params)
+        gamma_ln, beta_ln = torch.rand(6, 8, generator=g).to(params) + 0.5, torch.randn(6, 8, generator=g).to(params)
+    F = nn.functional
+
+    def double(*ts):
+        return [None if t is None else t.double() for t in ts]
+
+    for name, ours, theirs, exact in (
+            ("layer_norm", layer_norm(x, (6, 8), gamma_ln, beta_ln), F.layer_norm(x, (6, 8), gamma_ln, beta_ln),
+             F.layer_norm(*double(x), (6, 8), *double(gamma_ln, beta_ln))),
+            ("group_norm", group_norm(x, 2, gamma, beta), F.group_norm(x, 2, gamma, beta),
+             F.group_norm(*double(x), 2, *double(gamma, beta))),
+            ("instance_norm", instance_norm(x, gamma, beta), F.instance_norm(x, weight=gamma, bias=beta),
+             F.instance_norm(*double(x), *double(None, None, gamma, beta)))):
+        assert ours.dtype == torch.float16 and theirs.isfinite().all()
+        unit = torch.finfo(torch.float16).eps * exact.abs().max().item()
+        for what, target in (("torch", theirs), ("float64", exact)):
+            err = (ours.double() - target.double()).abs().max().item()
+            assert err <= 2 * unit, f"{name} vs {what}: {err:.3g} > 2 units = {2 * unit:.3g}"

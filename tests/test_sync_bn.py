@@ -23,6 +23,44 @@ def several_cases(rank, world_size, cases):
     return [sync_bn.sync_bn_demo(rank, world_size, **case) for case in cases]
 
 
+def both_sets_of_cases(rank, world_size, cases, option_cases):
+    """Worker: several_cases, then run_options for each of option_cases, in the same processes."""
+    return (several_cases(rank, world_size, cases),
+            [run_options(sync_bn.SyncBatchNorm, rank, world_size, **case) for case in option_cases])
+
+
+def run_options(make, rank, world_size, options, batches, gamma, beta, x_eval):
+    """``make(C, **options)`` (float32 or float64 parameters, as gamma), training steps on this rank's shards of
+    ``batches``, then evaluation mode on its shard of ``x_eval``. rank=0, world_size=1: the whole batch.
+    Returns the last step's out and gradients (x, then the parameters), the state dict and the eval output."""
+    layer = make(gamma.numel(), dtype=gamma.dtype, **options)
+    if layer.weight is not None:
+        with torch.no_grad():
+            layer.weight.copy_(gamma)
+            layer.bias.copy_(beta)
+    for x_full, dout_full in batches:
+        x = sync_bn.shard(x_full, rank, world_size).clone().requires_grad_(True)
+        out = layer(x)
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        grads = torch.autograd.grad(out, [x] + params, sync_bn.shard(dout_full, rank, world_size))
+    with torch.no_grad():
+        out_eval = layer.eval()(sync_bn.shard(x_eval, rank, world_size))
+    return {"out": out.detach(), "grads": [t.detach() for t in grads], "out_eval": out_eval,
+            "state": {k: v.clone() for k, v in layer.state_dict().items()}}
+
+
+def option_case(seed, options, low=None, N=8, C=3, spatial=(4, 4), steps=3):
+    """Keyword arguments of run_options; ``low``: float16/bfloat16 input with float32 parameters
+    (or none), else float64 throughout."""
+    dtype = torch.float64 if low is None else torch.float32
+    case = make_case(seed, N=N, C=C, spatial=spatial, steps=steps, dtype=dtype)
+    if low is not None:
+        case["batches"] = [(x.to(low), dout.to(low)) for x, dout in case["batches"]]
+    g = torch.Generator().manual_seed(seed + 1000)
+    x_eval = torch.randn((N, C) + spatial, generator=g, dtype=case["gamma"].dtype) * 2 + 1
+    return dict(options=options, x_eval=x_eval if low is None else x_eval.to(low), **case)
+
+
 def compare(per_rank_per_case, cases):
     """(max_differences of synchronized BN, of per-process BN or None, the raw results) per case."""
     out = []
@@ -46,9 +84,15 @@ TWO_PROCESS_CASES = [make_case(seed) for seed in (1, 2, 3, 4)] + [
 
 
 @pytest.fixture(scope="module")
-def two_process_results():
-    per_rank = launch.launch(several_cases, 2, args=(TWO_PROCESS_CASES,), timeout=180)
-    return compare(per_rank, TWO_PROCESS_CASES)
+def two_process_launch():
+    """One launch of two gloo processes for every two-process case of this file (a launch costs seconds):
+    per rank, (the results of TWO_PROCESS_CASES, those of OPTION_CASES)."""
+    return launch.launch(both_sets_of_cases, 2, args=(TWO_PROCESS_CASES, OPTION_CASES), timeout=180)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(two_process_launch):
+    return compare([r[0] for r in two_process_launch], TWO_PROCESS_CASES)
 
 
 @pytest.mark.parametrize("k", range(len(TWO_PROCESS_CASES)))
@@ -228,3 +272,56 @@ def test_the_function_rejects_a_bad_eps(eps):
 
 def test_a_second_derivative_is_refused_not_wrong():
     bn_layers.assert_refuses_a_second_derivative(sync_bn.SyncBatchNorm(3))
+
+
+# --- gaps: the options other than the default in two gloo processes, against torch.nn on the whole batch ---
+
+NATIVE_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+OPTION_CASES = [  # (id, keyword arguments of run_options); 3 training steps, then evaluation mode
+    ("affine_false", option_case(21, {"affine": False})),
+    ("track_running_stats_false", option_case(22, {"track_running_stats": False})),  # eval: batch statistics
+    ("momentum_none", option_case(23, {"momentum": None})),                           # cumulative average
+    ("no_params_no_buffers_momentum_none", option_case(24, {"affine": False, "track_running_stats": False,
+                                                            "momentum": None}, spatial=(5,))),
+    ("float16", option_case(25, {}, low=torch.float16)),            # float32 parameters: float32 math and sums
+    ("bfloat16", option_case(26, {"momentum": None}, low=torch.bfloat16, spatial=(2, 3, 2))),
+    # no float32 parameters to compute in: the math is in float16, the forward's sums in float32,
+    # and the backward's two sums all-reduced in float16 (gloo supports float16 on the CPU)
+    ("float16_no_params", option_case(27, {"affine": False, "track_running_stats": False}, low=torch.float16)),
+]
+OPTION_CASES, OPTION_IDS = [c[1] for c in OPTION_CASES], [c[0] for c in OPTION_CASES]
+
+
+@pytest.mark.parametrize("k", range(len(OPTION_CASES)), ids=OPTION_IDS)
+def test_two_processes_with_options_equal_torch_on_the_whole_batch(two_process_launch, k):
+    """Synchronized BN in two processes of 4 samples each against nn.BatchNorm*d with the same options in
+    one process holding all 8: out and dx (the shards put back together), dgamma and dbeta (summed over
+    the ranks, as data-parallel training does), the state dict on every rank, and evaluation mode.
+    Tolerance: 1e-10 in float64. float16/bfloat16 with float32 parameters: both compute in float32, so
+    assert_close's default for the dtype (about one unit of its rounding); the float32 parameter gradients
+    and buffers, float32's default. Without parameters the math is in float16: a few of its units
+    (2**-10), 4e-3 as in test_half_precision_input_matches_native."""
+    case = OPTION_CASES[k]
+    per_rank = [r[1][k] for r in two_process_launch]
+    whole = run_options(NATIVE_BN[case["x_eval"].dim()], 0, 1, **case)
+    low = case["batches"][0][0].dtype
+    if low == torch.float64:
+        tol = param_tol = {"rtol": 1e-10, "atol": 1e-10}
+    elif case["options"].get("affine", True):
+        tol, param_tol = {}, {}
+    else:
+        tol = param_tol = {"rtol": 4e-3, "atol": 4e-3}
+    for key in ("out", "out_eval"):
+        together = torch.cat([r[key] for r in per_rank])
+        assert together.dtype == whole[key].dtype == low
+        torch.testing.assert_close(together, whole[key], **tol, msg=key)
+    dx = torch.cat([r["grads"][0] for r in per_rank])
+    assert dx.dtype == low
+    torch.testing.assert_close(dx, whole["grads"][0], **tol, msg="dx")
+    assert len(per_rank[0]["grads"]) == len(whole["grads"]) == (3 if case["options"].get("affine", True) else 1)
+    for name, i in (("dgamma", 1), ("dbeta", 2))[:len(whole["grads"]) - 1]:
+        torch.testing.assert_close(sum(r["grads"][i] for r in per_rank), whole["grads"][i], **param_tol, msg=name)
+    for r in per_rank:
+        assert r["state"].keys() == whole["state"].keys()
+        for key, value in whole["state"].items():
+            torch.testing.assert_close(r["state"][key], value, **param_tol, msg=key)
