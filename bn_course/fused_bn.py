@@ -170,4 +170,4 @@ class FusedBatchNorm(BatchNorm):
     def _normalize_batch(self, x):
         """BatchNorm's training step through the fused functions (evaluation mode stays BatchNorm's
         one affine map per channel: nothing to fuse)."""
-        return fused_batchnorm(x, self.weight, self.bias, self.eps, self.compile)
+        return fused_batchnorm(x, *self._affine(x.dtype), self.eps, self.compile)

@@ -369,19 +369,20 @@ class BatchRenorm(BatchNorm):
         self._check(x)
         check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
         in_dtype = x.dtype
-        x = x.to(self.running_mean.dtype)  # float16/bfloat16 input: compute in float32, as BatchNorm
+        x = x.to(self._compute_dtype(x))  # float16/bfloat16: computed in float32, as BatchNorm
         stats = {}  # BatchNormFunction fills in the batch's mu, biased var and m (no gradient)
         x_hat_B = BatchNormFunction.apply(x, None, None, self.eps, stats)  # (x - mu_B) / s_B, gradient as in BN
         mu_B, var_B, m = stats["mu"], stats["var"], stats["m"]
         s_B = torch.sqrt(var_B + self.eps)
-        s_run = torch.sqrt(self.running_var + self.eps)
+        s_run = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
         r = (s_B / s_run).clamp(1 / self.r_max, self.r_max)
-        d = ((mu_B - self.running_mean) / s_run).clamp(-self.d_max, self.d_max)
+        d = ((mu_B - self.running_mean.to(x.dtype)) / s_run).clamp(-self.d_max, self.d_max)
         x_hat = x_hat_B * per_channel(r, x.dim()) + per_channel(d, x.dim())
         self.update_running_averages(mu_B, var_B * m / (m - 1))
         if not self.affine:
             return x_hat.to(in_dtype)
-        out = x_hat * per_channel(self.weight, x.dim()) + per_channel(self.bias, x.dim())
+        weight, bias = self._affine(x.dtype)
+        out = x_hat * per_channel(weight, x.dim()) + per_channel(bias, x.dim())
         return out.to(in_dtype)
 
 

@@ -146,14 +146,13 @@ class SyncBatchNorm(BatchNorm):
         if not self.training and self.track_running_stats:
             return super().forward(x)  # running statistics: nothing to synchronize
         self._check(x)
-        in_dtype, p = x.dtype, self._param_dtype()
-        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32, as BatchNorm
-            x = x.to(p)
+        in_dtype = x.dtype
+        x = x.to(self._compute_dtype(x))  # float16/bfloat16: computed in float32, as BatchNorm
         with torch.no_grad():
             mu, var, m = sync_mean_var(x.detach(), self.process_group)
         if self.training and self.track_running_stats:
             self.update_running_averages(mu, var * m / (m - 1))  # unbiased, over all processes
-        out = SyncBatchNormFunction.apply(x, self.weight, self.bias, mu, var, m, self.eps, self.process_group)
+        out = SyncBatchNormFunction.apply(x, *self._affine(x.dtype), mu, var, m, self.eps, self.process_group)
         return out.to(in_dtype)
 
 

@@ -22,7 +22,8 @@ from torch.autograd.function import once_differentiable
 from bn_course._validate import (check_bool, check_channels, check_enough_values, check_eps, check_momentum,
                                  check_num_features, check_rank, values_per_channel)
 
-# Input dtypes that PyTorch normalizes with float32 parameters and statistics (mixed precision).
+# Input dtypes that PyTorch normalizes in float32: with float32 parameters (mixed precision) or with
+# parameters of the input's own dtype.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -174,8 +175,9 @@ class BatchNorm(nn.Module):
       works for any batch size, even one sample;
     - ``affine=False`` has no ``weight``/``bias`` (``bias=False``: a weight only);
       ``track_running_stats=False`` keeps no buffers and always uses batch statistics;
-    - float16/bfloat16 input with float32 parameters is computed in float32 and returned
-      in the input's dtype; any other dtype mismatch is an error, as in PyTorch.
+    - float16/bfloat16 input is computed in float32 (with float32 parameters, or with the layer's
+      own float16/bfloat16 ones, as torch) and returned in the input's dtype; any other dtype
+      mismatch is an error, as in PyTorch.
 
     Where it differs: first derivatives only (the backward pass is written by hand and
     marked ``once_differentiable``: no gradient of a gradient, as in a gradient penalty, and
@@ -268,6 +270,16 @@ class BatchNorm(nn.Module):
                 f"{p}; convert one to match, e.g. x.to({p}) or layer.to({x.dtype})."
             )
 
+    def _compute_dtype(self, x):
+        """float32 for float16/bfloat16 input, whatever the parameters' dtype, as torch: in float16 the
+        variance of values with a spread above 256 would overflow. Otherwise x's own dtype."""
+        return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+    def _affine(self, dtype):
+        """(weight, bias) in ``dtype``, each None when absent. The casts are differentiable (a float16
+        parameter gets its gradient in float16) and return the parameters themselves when they match."""
+        return tuple(None if p is None else p.to(dtype) for p in (self.weight, self.bias))
+
     def _momentum_factor(self):
         """The weight f of the new batch: momentum, or 1 / num_batches_tracked when it is None."""
         if self.momentum is None:  # cumulative moving average
@@ -279,26 +291,29 @@ class BatchNorm(nn.Module):
         """new = (1 - f) * old + f * batch, f = momentum (or 1 / num_batches_tracked); mu, var_unbiased: (C,)."""
         self.num_batches_tracked.add_(1)
         f = self._momentum_factor()
-        self.running_mean.mul_(1 - f).add_(mu.to(self.running_mean.dtype), alpha=f)
-        self.running_var.mul_(1 - f).add_(var_unbiased.to(self.running_var.dtype), alpha=f)
+        # in the statistics' dtype, then rounded once into the buffer: float16 buffers get the average of
+        # float32 statistics (a float16 copy of a variance above 65504 would be inf before the average)
+        self.running_mean.copy_(self.running_mean * (1 - f) + mu * f)
+        self.running_var.copy_(self.running_var * (1 - f) + var_unbiased * f)
 
     def _eval_forward(self, x):
         """x: (N, C, *spatial) -> out, same shape: out = a * x + b per channel, with
         a = gamma / sqrt(running_var + eps) and b = beta - a * running_mean."""
-        a = torch.rsqrt(self.running_var + self.eps)
-        b = -self.running_mean * a
-        if self.weight is not None:
-            a = a * self.weight
-            b = b * self.weight
-        if self.bias is not None:
-            b = b + self.bias
+        a = torch.rsqrt(self.running_var.to(x.dtype) + self.eps)
+        b = -self.running_mean.to(x.dtype) * a
+        weight, bias = self._affine(x.dtype)
+        if weight is not None:
+            a = a * weight
+            b = b * weight
+        if bias is not None:
+            b = b + bias
         return torch.addcmul(per_channel(b, x.dim()), x, per_channel(a, x.dim()))
 
     def _normalize_batch(self, x):
         """x: (N, C, *spatial), checked -> out (shape of x), mu (C,), var (C,) biased: the batch's own
         statistics. The one step that fused_bn and triton_bn replace with their kernels."""
         stats = {}
-        out = BatchNormFunction.apply(x, self.weight, self.bias, self.eps, stats)
+        out = BatchNormFunction.apply(x, *self._affine(x.dtype), self.eps, stats)
         return out, stats["mu"], stats["var"]
 
     def forward(self, x):
@@ -306,9 +321,7 @@ class BatchNorm(nn.Module):
         running averages updated); evaluation mode: the running statistics."""
         self._check(x)
         in_dtype = x.dtype
-        p = self._param_dtype()
-        if p is not None and in_dtype != p:  # float16/bfloat16 input: compute in float32
-            x = x.to(p)
+        x = x.to(self._compute_dtype(x))  # float16/bfloat16: computed in float32, rounded once at the end
         if self.training or not self.track_running_stats:
             check_enough_values(tuple(x.shape), f"{type(self).__name__}({self.num_features}) input")
             out, mu, var = self._normalize_batch(x)

@@ -309,4 +309,4 @@ class TritonBatchNorm(BatchNorm):
         if x.dtype not in (torch.float32, torch.float64):  # no parameters to take the dtype from
             x = x.float()
         check_layout(x)
-        return TritonBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        return TritonBatchNormFunction.apply(x, *self._affine(x.dtype), self.eps)

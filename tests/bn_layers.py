@@ -85,18 +85,24 @@ def assert_half_precision_is_computed_in_float32(ours):
     torch.testing.assert_close(out, nn.BatchNorm2d(3)(x), rtol=2e-2, atol=2e-2)
 
 
-def assert_half_precision_matches_native(make_ours, low):
-    """float16/bfloat16 input to ``make_ours(3)`` (float32 parameters), two training steps next to nn.BatchNorm2d
-    (which also computes in float32): out and dx in the input's dtype, and they, dgamma, dbeta and the running
-    buffers equal torch's, to assert_close's default tolerance for each dtype (a few units of its rounding)."""
+def assert_half_precision_matches_native(make_ours, low, params=torch.float32):
+    """float16/bfloat16 input to ``make_ours(3)`` (parameters and buffers in ``params``: float32, mixed
+    precision, or ``low`` itself, a layer converted with .half()), two training steps and one evaluation
+    next to nn.BatchNorm2d (which computes in float32 either way): out and dx in the input's dtype, and
+    they, dgamma, dbeta and the running buffers equal torch's, to assert_close's default tolerance for
+    each dtype (a few units of its rounding). With ``params=low`` the input's spread is 400: its float16
+    variance, 1.6e5, would overflow past 65504 if it were computed in float16. Then both layers round
+    gamma, beta and their gradients to ``low`` at different points, so they may differ by 2 units of its
+    rounding at each tensor's scale (both are within one unit of the exact answer)."""
     g = torch.Generator().manual_seed(0)
-    ours, native = make_ours(3), nn.BatchNorm2d(3)
+    ours, native = make_ours(3).to(params), nn.BatchNorm2d(3).to(params)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5, generator=g)
         ours.bias.normal_(generator=g)
     native.load_state_dict(ours.state_dict())
+    spread = 3 if params == torch.float32 else 400
     for _ in range(2):
-        x = (torch.randn(4, 3, 2, 2, generator=g) * 3 + 2).to(low)
+        x = (torch.randn(4, 3, 2, 2, generator=g) * spread + 2).to(low)
         dout = torch.randn(4, 3, 2, 2, generator=g).to(low)
         results = []
         for layer in (ours, native):
@@ -105,10 +111,22 @@ def assert_half_precision_matches_native(make_ours, low):
             results.append([out.detach(), *torch.autograd.grad(out, (x_, layer.weight, layer.bias), dout)])
         assert results[0][0].dtype == results[0][1].dtype == low
         for name, a, b in zip(("out", "dx", "dgamma", "dbeta"), *results):
-            torch.testing.assert_close(a, b, msg=name)
-    assert ours.running_var.dtype == torch.float32
+            _assert_close_in(a, b, params, name)
+    assert ours.running_var.dtype == params
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(ours, name), getattr(native, name), msg=name)
+        _assert_close_in(getattr(ours, name), getattr(native, name), params, name)
+    x = (torch.randn(4, 3, 2, 2, generator=g) * spread + 2).to(low)
+    _assert_close_in(ours.eval()(x), native.eval()(x), params, "eval out")
+
+
+def _assert_close_in(a, b, params, name):
+    """assert_close's default tolerance, or, for a layer whose parameters are float16/bfloat16, 2 units
+    of that dtype's rounding at the scale of ``b``."""
+    if params == torch.float32 or not a.is_floating_point():
+        torch.testing.assert_close(a, b, msg=name)
+    else:
+        unit = torch.finfo(params).eps
+        torch.testing.assert_close(a, b, rtol=2 * unit, atol=2 * unit * float(b.detach().abs().max()), msg=name)
 
 
 def assert_bad_input_gets_clear_errors(layer):

@@ -133,8 +133,10 @@ def test_eager_matches_native_in_eval_mode_with_options_at_every_rank(rank, opti
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_half_precision_input_matches_native_in_outputs_gradients_and_buffers(low):
-    bn_layers.assert_half_precision_matches_native(lambda C: fused_bn.FusedBatchNorm(C, compile=False), low)
+@pytest.mark.parametrize("params", ["float32", "same"])  # mixed precision, or the layer in low
+def test_half_precision_input_matches_native_in_outputs_gradients_and_buffers(low, params):
+    bn_layers.assert_half_precision_matches_native(lambda C: fused_bn.FusedBatchNorm(C, compile=False), low,
+                                                   low if params == "same" else torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "channel-slice", "channels_last_3d"])

@@ -325,3 +325,10 @@ def test_two_processes_with_options_equal_torch_on_the_whole_batch(two_process_l
         assert r["state"].keys() == whole["state"].keys()
         for key, value in whole["state"].items():
             torch.testing.assert_close(r["state"][key], value, **param_tol, msg=key)
+
+
+@pytest.mark.parametrize("params", ["float32", "same"])
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_one_process_half_precision_matches_native(low, params):
+    """One process: float16/bfloat16 input, with float32 parameters or the layer itself in low precision."""
+    bn_layers.assert_half_precision_matches_native(sync_bn.SyncBatchNorm, low, low if params == "same" else torch.float32)

@@ -517,9 +517,10 @@ def test_eval_before_any_training_step_matches_pytorch(rank, options):
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_half_precision_input_matches_pytorch_in_outputs_gradients_and_buffers(low):
+@pytest.mark.parametrize("params", ["float32", "same"])  # mixed precision, or the layer in low
+def test_half_precision_input_matches_pytorch_in_outputs_gradients_and_buffers(low, params):
     import bn_layers
-    bn_layers.assert_half_precision_matches_native(BatchNorm, low)
+    bn_layers.assert_half_precision_matches_native(BatchNorm, low, low if params == "same" else torch.float32)
 
 
 def x_size(shape):

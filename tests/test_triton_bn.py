@@ -124,8 +124,10 @@ def test_matches_native_in_eval_mode_and_float32_with_options(options, modes):
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-def test_half_precision_input_matches_native_in_outputs_gradients_and_buffers(low):
-    bn_layers.assert_half_precision_matches_native(triton_bn.TritonBatchNorm, low)
+@pytest.mark.parametrize("params", ["float32", "same"])  # mixed precision, or the layer in low
+def test_half_precision_input_matches_native_in_outputs_gradients_and_buffers(low, params):
+    bn_layers.assert_half_precision_matches_native(triton_bn.TritonBatchNorm, low,
+                                                   low if params == "same" else torch.float32)
 
 
 def test_a_contiguous_view_that_starts_inside_its_storage():
