@@ -305,8 +305,6 @@ class TritonBatchNorm(BatchNorm):
 
     def _normalize_batch(self, x):
         """BatchNorm's training step through the Triton kernels; ``BatchNorm.forward`` has already checked
-        x and converted float16/bfloat16 input to the parameters' dtype."""
-        if x.dtype not in (torch.float32, torch.float64):  # no parameters to take the dtype from
-            x = x.float()
+        x and converted float16/bfloat16 input to float32."""
         check_layout(x)
         return TritonBatchNormFunction.apply(x, *self._affine(x.dtype), self.eps)
