@@ -176,6 +176,16 @@ def _matches(value, expected, strict=False):
             and np.allclose(arr, expected, rtol=rtol, atol=atol))
 
 
+def _matching_mistake(value, expected, mistakes, compute):
+    """The first (name, why) of ``mistakes`` (rows name, why, options) whose output, ``compute(options)`` as
+    NumPy, matches value where it differs from expected; None when none does."""
+    for name, why, options in mistakes:
+        wrong = compute(options)
+        if not np.allclose(wrong, expected, rtol=RTOL, atol=ATOL) and _matches(value, wrong):
+            return name, why
+    return None
+
+
 def _axes_but_1(ndim):
     return (0,) + tuple(range(2, ndim))
 
@@ -1001,10 +1011,10 @@ def check_fold_linear(fn):
                 left_out = np.allclose(_as_array(value, name)[0], without_eps, rtol=1e-9, atol=1e-12)
                 label, why, _ = FOLD_EPS_LEFT_OUT if left_out else FOLD_EPS_FIXED
                 return _fail(where + f"{name}: {label}. {why}")
-            for label, why, options in mistakes:
-                wrong = _fold(W, c, gamma, beta, mu, var, eps, **options)[index].numpy()
-                if _matches(value, wrong):
-                    return _fail(where + f"{name}: {label}. {why}")
+            found = _matching_mistake(value, exp, mistakes,
+                                      lambda options: _fold(W, c, gamma, beta, mu, var, eps, **options)[index].numpy())
+            if found:
+                return _fail(where + f"{name}: {found[0]}. {found[1]}")
             return _fail(where + problem + " Write the eval-mode BN as out = a * z + b per output k, with "
                          "a = gamma / sqrt(running_var + eps) and b = beta - a * running_mean, then put "
                          "z = W x + c into it.")
@@ -1158,15 +1168,6 @@ RENORM_TORCH_HINT = (" This exercise is in PyTorch: compute with torch operation
                      "so that autograd can follow, and return a tensor.")
 
 
-def _renorm_diagnose(value, expected, mistakes, compute):
-    """The first (name, why) whose variant (compute(options), as NumPy) matches value and differs from expected."""
-    for name, why, options in mistakes:
-        wrong = compute(options)
-        if not np.allclose(wrong, expected, rtol=RTOL, atol=ATOL) and _matches(value, wrong):
-            return name, why
-    return None
-
-
 @_never_raises
 def check_batch_renorm_x_hat(fn):
     """Check ``fn(x, running_mean, running_var, r_max, d_max, eps) -> x_hat`` (torch tensors; notebook 09).
@@ -1233,7 +1234,7 @@ def check_batch_renorm_x_hat(fn):
             def variant(options):
                 return _renorm(x.double(), running_mean.double(), running_var.double(), r_max, d_max, eps,
                                **options).detach().cpu().numpy()
-            found = _renorm_diagnose(value, expected, RENORM_MISTAKES, variant)
+            found = _matching_mistake(value, expected, RENORM_MISTAKES, variant)
             if found:
                 return _fail(where + f"{found[0]}: {found[1]}")
             if float32:
@@ -1270,7 +1271,7 @@ def check_batch_renorm_x_hat(fn):
             def grad_variant(options):
                 return torch.autograd.grad((_renorm(x_leaf, running_mean, running_var, r_max, d_max, eps,
                                                     **options) * w).sum(), x_leaf)[0].numpy()
-            found = _renorm_diagnose(grad, expected_grad, RENORM_GRAD_MISTAKES, grad_variant)
+            found = _matching_mistake(grad, expected_grad, RENORM_GRAD_MISTAKES, grad_variant)
             if found:
                 return _fail(where + f"{found[0]}: {found[1]}")
             return _fail(where + problem + " r and d are constants in the backward pass (.detach() them) "
