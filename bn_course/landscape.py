@@ -238,5 +238,6 @@ def weight_norm_experiment(seed=0, steps=400, lr=0.1, weight_decay=0.0, hidden=(
     history = train(model, data, steps, lr, weight_decay=weight_decay, seed=seed, device=device,
                     progress=progress, callback=record, eval_every=max(1, steps // 20))
     norms = torch.tensor(recorder.norms, dtype=torch.float64)
-    return {"layers": [n for n, _ in feeding], "norms": norms, "grad_norms": torch.tensor(grad_norms, dtype=torch.float64),
+    return {"layers": [n for n, _ in feeding], "norms": norms,
+            "grad_norms": torch.tensor(grad_norms, dtype=torch.float64),
             "effective_lr": effective_learning_rate(lr, norms), "history": history}

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 import bn_course
-from bn_course._validate import check_enough_values
-from bn_course._validate import check_bool, check_eps, check_num_features, check_positive_int, real_number
+from bn_course._validate import (check_bool, check_enough_values, check_eps, check_num_features, check_positive_int,
+                                 real_number)
 from bn_course.models import cnn, mlp
 from bn_course.pitfalls import single_class_batches, train_on_stream
 from bn_course.sweep import run_grid
@@ -363,7 +363,8 @@ class BatchRenorm(BatchNorm):
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
 
     def forward(self, x):
-        """x: (N, C, *spatial) -> the shape of x. Training: x_hat_B * r + d (see the class docstring); eval: BatchNorm's."""
+        """x: (N, C, *spatial) -> the shape of x. Training: x_hat_B * r + d (the class docstring);
+        evaluation: BatchNorm's."""
         if not self.training:
             return super().forward(x)
         self._check(x)
@@ -426,7 +427,8 @@ class GhostBatchNorm(BatchNorm):
             )
 
     def forward(self, x):
-        """x: (N, C, *spatial) -> the shape of x. Training: BatchNorm on each ghost batch in turn; eval: BatchNorm's."""
+        """x: (N, C, *spatial) -> the shape of x. Training: BatchNorm on each ghost batch in turn;
+        evaluation: BatchNorm's."""
         if not self.training:
             return super().forward(x)
         self._check(x)  # before splitting

@@ -48,14 +48,13 @@ def sync_mean_var(x, group=None):
     x: this process's shard (n_p, C, *spatial), n_p may differ between processes (even be 0).
     Returns mu (C,), var (C,) and m, the number of values per channel over all processes (int).
     Two all-reduces: [sum(x), count], then the sum of squared deviations from the global mu.
+    float16/bfloat16 x is summed in float32 and mu, var are float32: in float16 a sum or a variance
+    above 65504 would be inf, and a count above 2048 rounded.
     """
     dims = reduce_dims(x)
     C = x.shape[1]
     local_m = values_per_channel(tuple(x.shape))
-    # float16/bfloat16: sum in float32 (a float16 sum overflows past 65504, and counts above 2048
-    # are rounded); mu and var are handed back in x's dtype.
-    in_dtype = x.dtype
-    if in_dtype in LOW_PRECISION:
+    if x.dtype in LOW_PRECISION:
         x = x.float()
     sums = torch.cat([x.sum(dim=dims), x.new_full((1,), local_m)])          # (C + 1,)
     all_reduce_sum(sums, group)                                              # round 1
@@ -68,7 +67,7 @@ def sync_mean_var(x, group=None):
     mu = sums[:C] / m
     sq = ((x - per_channel(mu, x.dim())) ** 2).sum(dim=dims)                 # (C,)
     all_reduce_sum(sq, group)                                                # round 2
-    return mu.to(in_dtype), (sq / m).to(in_dtype), m
+    return mu, sq / m, m
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -117,14 +116,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
 def sync_batchnorm(x, gamma, beta, eps=1e-5, group=None):
     """Training-mode batch norm with statistics over the batches of all processes of ``group``.
 
-    x: (n_p, C, *spatial); gamma, beta: (C,) or None. Returns out, shape of x.
+    x: (n_p, C, *spatial); gamma, beta: (C,) or None. Returns out, shape and dtype of x
+    (float16/bfloat16 input is computed in float32 and rounded once, as ``SyncBatchNorm``).
     """
     check_input(x, "x")
     check_params(x, gamma, beta)
     check_eps(eps)
+    in_dtype = x.dtype
+    if in_dtype in LOW_PRECISION:
+        x, gamma, beta = (None if t is None else t.float() for t in (x, gamma, beta))
     with torch.no_grad():
         mu, var, m = sync_mean_var(x.detach(), group)
-    return SyncBatchNormFunction.apply(x, gamma, beta, mu, var, m, eps, group)
+    return SyncBatchNormFunction.apply(x, gamma, beta, mu, var, m, eps, group).to(in_dtype)
 
 
 class SyncBatchNorm(BatchNorm):

@@ -332,3 +332,18 @@ def test_two_processes_with_options_equal_torch_on_the_whole_batch(two_process_l
 def test_one_process_half_precision_matches_native(low, params):
     """One process: float16/bfloat16 input, with float32 parameters or the layer itself in low precision."""
     bn_layers.assert_half_precision_matches_native(sync_bn.SyncBatchNorm, low, low if params == "same" else torch.float32)
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_the_function_computes_low_precision_in_float32(low):
+    """Spread 400: a float16 variance (1.6e5) would be inf. The output equals torch's float32 batch norm,
+    rounded once to the input's dtype."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(4, 3, 5, 5, generator=g) * 400 + 2).to(low)
+    gamma, beta = torch.rand(3, generator=g).to(low) + 0.5, torch.randn(3, generator=g).to(low)
+    mu, var, _ = sync_bn.sync_mean_var(x)
+    assert mu.dtype == var.dtype == torch.float32 and bool(torch.isfinite(var).all())
+    out = sync_bn.sync_batchnorm(x, gamma, beta)
+    expected = torch.nn.functional.batch_norm(x.float(), None, None, gamma.float(), beta.float(), training=True)
+    assert out.dtype == low
+    torch.testing.assert_close(out, expected.to(low))
