@@ -209,17 +209,17 @@ def benchmark_folding(batch_sizes=(1, 64, 512), repeats=30, seed=0, device="cpu"
     the two models' outputs). ``threads`` (None: leave as it is) sets torch's thread count
     for the timing, and is put back afterwards.
     """
-    if threads is None:
-        return _benchmark_folding(batch_sizes, repeats, seed, device)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        return _benchmark_folding(batch_sizes, repeats, seed, device)
+        return _time_folding(batch_sizes, repeats, seed, device)
     finally:
         torch.set_num_threads(before)
 
 
-def _benchmark_folding(batch_sizes, repeats, seed, device):
+def _time_folding(batch_sizes, repeats, seed, device):
+    """benchmark_folding's rows, at the current thread count."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = small_cnn()
